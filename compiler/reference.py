@@ -76,8 +76,14 @@ class Attention(nn.Module):
         self.o_proj = _linear(spec.q_size, h, dtype, device)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor,
-        k_cache: Tensor, v_cache: Tensor,
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         s = self.spec
         b, t, _ = x.shape
@@ -121,8 +127,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec, dtype, device)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, positions: Tensor,
-        k_cache: Tensor, v_cache: Tensor,
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         a, k_cache, v_cache = self.self_attn(
             self.input_layernorm(x), cos, sin, mask, positions, k_cache, v_cache
@@ -137,8 +149,12 @@ class Body(nn.Module):
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(spec, dtype, device) for _ in range(spec.num_layers))
+        self.embed_tokens = nn.Embedding(
+            spec.vocab_size, spec.hidden_size, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, dtype, device) for _ in range(spec.num_layers)
+        )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
 
 
@@ -149,8 +165,13 @@ class Reference(nn.Module):
     `(logits [B, T, V], new k_caches, new v_caches)`; caches are not modified in place.
     """
 
+    inv_freq: Tensor  # [D/2] float64, a non-persistent buffer
+
     def __init__(
-        self, spec: ModelSpec, max_seq: int, dtype: torch.dtype = torch.float64,
+        self,
+        spec: ModelSpec,
+        max_seq: int,
+        dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ):
         super().__init__()
@@ -161,9 +182,13 @@ class Reference(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(spec).to(device=device), persistent=False)
 
     def head_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        return (
+            self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        )
 
-    def empty_cache(self, batch: int, device: torch.device | str | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    def empty_cache(
+        self, batch: int, device: torch.device | str | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
         s = self.spec
         dev = device if device is not None else self.model.embed_tokens.weight.device
         shape = (batch, s.num_kv_heads, self.max_seq, s.head_dim)
@@ -228,8 +253,11 @@ class DecodeStep(nn.Module):
 
 
 def generate(ref: Reference, prompt: Tensor, steps: int) -> tuple[Tensor, list[Tensor]]:
-    """Greedy decode: prefill `prompt` [B, P], then `steps` decode steps. Returns tokens [B, steps]
-    and the logits [B, V] that chose each token (prefill's last position first)."""
+    """Greedy decode: prefill `prompt` [B, P], then `steps` decode steps.
+
+    Returns tokens [B, steps] and steps + 1 logits [B, V]: those of the prefill's last position
+    (which chose the first token), then those of each decode step (the last chose nothing).
+    """
     ks, vs = ref.empty_cache(prompt.shape[0], prompt.device)
     logits, ks, vs = ref(prompt, torch.tensor(0, device=prompt.device), ks, vs)
     last = logits[:, -1]

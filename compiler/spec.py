@@ -25,28 +25,68 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 # serialization knobs. Everything else must be understood below or the config is refused.
 BENIGN_KEYS = frozenset(
     {
-        "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-        "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
-        "attention_dropout", "pretraining_tp", "tie_word_embeddings", "max_position_embeddings",
-        "output_attentions", "output_hidden_states", "return_dict", "is_decoder",
-        "is_encoder_decoder", "torchscript", "use_return_dict", "bad_words_ids",
-        "id2label", "label2id", "vocab_file", "name_or_path", "task_specific_params",
-        "tokenizer_class", "problem_type",
+        "architectures",
+        "model_type",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "initializer_range",
+        "use_cache",
+        "attention_dropout",
+        "pretraining_tp",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "is_decoder",
+        "is_encoder_decoder",
+        "torchscript",
+        "use_return_dict",
+        "bad_words_ids",
+        "id2label",
+        "label2id",
+        "vocab_file",
+        "name_or_path",
+        "task_specific_params",
+        "tokenizer_class",
+        "problem_type",
     }
 )
 
 SEMANTIC_KEYS = frozenset(
     {
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
-        "rope_scaling", "rope_parameters", "sliding_window", "hidden_act", "attention_bias",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "sliding_window",
+        "hidden_act",
+        "attention_bias",
         "mlp_bias",
     }
 )
 
 ROPE_SCALING_KEYS = frozenset(
-    {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-     "original_max_position_embeddings", "rope_theta"}
+    {
+        "rope_type",
+        "type",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+        "rope_theta",
+    }
 )
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -82,8 +122,16 @@ class ModelSpec:
     rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
-        for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{self.name}: {f} must be a positive integer, got {v!r}")
@@ -101,15 +149,21 @@ class ModelSpec:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise SpecError(f"{self.name}: {f} must be a number, got {v!r}")
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
-            raise SpecError(f"{self.name}: rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+            raise SpecError(
+                f"{self.name}: rms_norm_eps must be positive, got {self.rms_norm_eps!r}"
+            )
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise SpecError(f"{self.name}: rope_theta must be positive, got {self.rope_theta!r}")
         if self.sliding_window is not None and (
             not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
         ):
-            raise SpecError(f"{self.name}: sliding_window must be an integer or None, got {self.sliding_window!r}")
+            raise SpecError(
+                f"{self.name}: sliding_window must be an integer or None, got {self.sliding_window!r}"
+            )
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise SpecError(f"{self.name}: sliding_window must be positive, got {self.sliding_window!r}")
+            raise SpecError(
+                f"{self.name}: sliding_window must be positive, got {self.sliding_window!r}"
+            )
 
     @property
     def q_size(self) -> int:
@@ -175,7 +229,9 @@ def _rope(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     # refused by its type rather than by one of its type-specific fields.
     kind = block.get("rope_type", block.get("type", "default"))
     if kind not in ("default", "llama3"):
-        raise SpecError(f"{where}: unsupported rope scaling type {kind!r} (supported: default, llama3)")
+        raise SpecError(
+            f"{where}: unsupported rope scaling type {kind!r} (supported: default, llama3)"
+        )
     unknown = sorted(set(block) - ROPE_SCALING_KEYS)
     if unknown:
         raise SpecError(f"{where}: unsupported rope_scaling field {unknown[0]!r}")
@@ -213,11 +269,15 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
     if bad:
         raise SpecError(f"{where}: unsupported architecture {bad[0]!r}")
     if model_type not in ("llama", "mistral"):
-        raise SpecError(f"{where}: unsupported model_type {model_type!r} (supported: llama, mistral)")
+        raise SpecError(
+            f"{where}: unsupported model_type {model_type!r} (supported: llama, mistral)"
+        )
     for a in archs:
         if ARCHITECTURES[a] != model_type:
             raise SpecError(f"{where}: architecture {a} does not match model_type {model_type!r}")
-    unknown = sorted(k for k in cfg if k not in BENIGN_KEYS | SEMANTIC_KEYS and not k.startswith("_"))
+    unknown = sorted(
+        k for k in cfg if k not in BENIGN_KEYS | SEMANTIC_KEYS and not k.startswith("_")
+    )
     if unknown:
         raise SpecError(f"{where}: unsupported config field {unknown[0]!r}")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -230,7 +290,9 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
     head_dim = cfg.get("head_dim")
     if head_dim is None:
         if hidden % heads:
-            raise SpecError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+            raise SpecError(
+                f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+            )
         head_dim = hidden // heads
     kv = cfg.get("num_key_value_heads")
     sliding = cfg.get("sliding_window")
@@ -320,7 +382,9 @@ class ShapeTemplate:
     def parse(cls, text: str) -> ShapeTemplate:
         m = TEMPLATE_RE.fullmatch(text) if isinstance(text, str) else None
         if not m:
-            raise SpecError(f"bad shape template {text!r} (expected b<batch>-s<max_seq>, e.g. b1-s4096)")
+            raise SpecError(
+                f"bad shape template {text!r} (expected b<batch>-s<max_seq>, e.g. b1-s4096)"
+            )
         return cls(int(m.group(1)), int(m.group(2)))
 
     def __str__(self) -> str:

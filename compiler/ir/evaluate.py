@@ -54,7 +54,7 @@ def _softmax(x: Array, axis: int) -> Array:
 
 def _index_copy(dst: Array, index: Array, src: Array, axis: int) -> Array:
     out = dst.copy()
-    idx = [slice(None)] * dst.ndim
+    idx: list[Any] = [slice(None)] * dst.ndim
     idx[axis] = index.astype(np.int64)
     out[tuple(idx)] = src
     return out

@@ -166,7 +166,7 @@ def well_formed(graph: Graph) -> None:
                 value = n.attr("value")
                 if not isinstance(value, tuple) or any(isinstance(d, str) for d in n.shape):
                     raise IRError("const needs a value and a concrete shape")
-                if len(value) != math.prod(n.shape):  # type: ignore[arg-type]
+                if len(value) != math.prod(n.shape):
                     raise IRError(f"const has {len(value)} values for shape {list(n.shape)}")
             ins = [graph.nodes[j] for j in n.inputs]
             _check_dtype(n, ins)

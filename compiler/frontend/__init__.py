@@ -1,0 +1,1 @@
+"""Frontends: where weights and graphs enter the compiler."""

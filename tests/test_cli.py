@@ -1,0 +1,114 @@
+"""The `amk-farm` command line, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from amk_farm.cli import app
+from compiler.ir import Graph, well_formed
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AMK_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_graph_writes_a_loadable_graph_whose_digest_is_the_model_hash(tmp_path):
+    out = tmp_path / "g.json"
+    result = runner.invoke(app, ["graph", "tiny-llama", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    g = Graph.loads(out.read_text())
+    well_formed(g)
+    assert g.digest() == summary["model_hash"]
+    assert summary["inputs"][:2] == ["token", "pos"]
+    assert summary["outputs"][:2] == ["next_token", "logits"]
+    assert summary["ops"]["index_copy"] == 4
+
+
+def test_graph_of_alias_and_config_path_match_catalog(tmp_path):
+    from amk_farm import catalog
+    from compiler.spec import spec_to_hf_config
+
+    cfg = tmp_path / "model"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps(spec_to_hf_config(catalog.resolve("tiny-llama"))))
+    by_name = json.loads(runner.invoke(app, ["graph", "tiny-llama", "--json"]).stdout)["model_hash"]
+    by_path = json.loads(runner.invoke(app, ["graph", str(cfg), "--json"]).stdout)["model_hash"]
+    assert by_name == by_path
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}',
+            "unsupported architecture 'GPT2LMHeadModel'",
+        ),
+        ("{not json", "malformed JSON"),
+        ('{"model_type": "llama", "hidden_size": 64}', "must be a positive integer"),
+    ],
+)
+def test_bad_config_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, config, message):
+    bad = tmp_path / "config.json"
+    bad.write_text(config)
+    out = tmp_path / "out" / "g.json"
+    result = runner.invoke(app, ["graph", str(bad), "-o", str(out)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_unknown_model_is_named():
+    result = runner.invoke(app, ["graph", "llama-9000"])
+    assert result.exit_code == 1
+    assert "unknown model 'llama-9000'" in result.stderr
+
+
+def test_models_lists_every_entry_with_a_stable_hash(home):
+    first = runner.invoke(app, ["models", "--json"])
+    assert first.exit_code == 0, first.output
+    rows = json.loads(first.stdout)
+    from amk_farm import catalog
+
+    assert [r["name"] for r in rows] == catalog.names()
+    assert all(len(r["model_hash"]) == 64 for r in rows)
+    assert len({r["model_hash"] for r in rows}) == len(rows)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["llama-2-7b"]["params"] == 6_738_415_616
+    assert by_name["llama-2-70b"]["aliases"] == ["llama-70b"]
+    # A second run reads the cache; wiping it recomputes the same hashes.
+    assert json.loads(runner.invoke(app, ["models", "--json"]).stdout) == rows
+    for f in (home / "cache").iterdir():
+        f.unlink()
+    again = json.loads(runner.invoke(app, ["graph", "tiny-mistral", "--json"]).stdout)
+    assert again["model_hash"] == by_name["tiny-mistral"]["model_hash"]
+    table = runner.invoke(app, ["models"]).stdout
+    assert "llama-2-70b (llama-70b)" in table
+
+
+def test_console_script_builds_a_70b_graph_without_weights(tmp_path):
+    """The installed entry point, in a fresh process: llama-70b's graph holds no weight data."""
+    out = tmp_path / "g70.json"
+    code = (
+        "import resource, sys; from amk_farm.cli import main; sys.argv = ['amk-farm', 'graph', 'llama-70b', '-o', "
+        f"{str(out)!r}, '--json']\ntry: main()\nexcept SystemExit: pass\n"
+        "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True
+    )
+    summary = json.loads(proc.stdout)
+    assert summary["weights"] == 2 + 80 * 9 + 1  # embed, 9 per layer, norm, lm_head
+    peak_kb = int(proc.stderr.split("peak_kb")[-1])
+    assert peak_kb < 3 * 2**20, f"peak memory {peak_kb} KB"
+    assert Graph.loads(out.read_text()).digest() == summary["model_hash"]
