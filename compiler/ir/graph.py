@@ -28,26 +28,26 @@ class IRError(ValueError):
     """A malformed graph or a graph file that cannot be read."""
 
 
-def _freeze(v: Any) -> AttrValue:
+def freeze_attr(v: Any) -> AttrValue:
     if isinstance(v, list | tuple):
-        return tuple(_freeze(x) for x in v)
+        return tuple(freeze_attr(x) for x in v)
     if v is None or isinstance(v, bool | int | float | str):
         return v
     raise IRError(f"attribute value of type {type(v).__name__} is not serializable: {v!r}")
 
 
-def _enc(v: AttrValue) -> Any:
+def encode_attr(v: AttrValue) -> Any:
     """JSON form of an attribute value; non-finite floats become strings."""
     if isinstance(v, tuple):
-        return [_enc(x) for x in v]
+        return [encode_attr(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
 
 
-def _dec(v: Any, floaty: bool) -> AttrValue:
+def decode_attr(v: Any, floaty: bool) -> AttrValue:
     if isinstance(v, list):
-        return tuple(_dec(x, floaty) for x in v)
+        return tuple(decode_attr(x, floaty) for x in v)
     if floaty and v in ("inf", "-inf", "nan"):
         return float(v)
     return v
@@ -81,7 +81,7 @@ class Node:
             "dtype": self.dtype.value,
         }
         if self.attrs:
-            d["attrs"] = {k: _enc(v) for k, v in self.attrs}
+            d["attrs"] = {k: encode_attr(v) for k, v in self.attrs}
         if self.name:
             d["name"] = self.name
         return d
@@ -89,7 +89,7 @@ class Node:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Node:
         try:
-            attrs = tuple(sorted((k, _dec(v, k in FLOAT_ATTRS)) for k, v in d.get("attrs", {}).items()))
+            attrs = tuple(sorted((k, decode_attr(v, k in FLOAT_ATTRS)) for k, v in d.get("attrs", {}).items()))
             return cls(
                 op=Op(d["op"]),
                 inputs=tuple(int(i) for i in d["in"]),
@@ -200,7 +200,7 @@ class GraphBuilder:
             inputs=tuple(inputs),
             shape=tuple(shape),
             dtype=dtype,
-            attrs=tuple(sorted((k, _freeze(v)) for k, v in attrs.items())),
+            attrs=tuple(sorted((k, freeze_attr(v)) for k, v in attrs.items())),
             name=name,
         )
         for i in node.inputs:

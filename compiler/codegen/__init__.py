@@ -1,0 +1,1 @@
+"""CUDA codegen: one persistent megakernel from a schedule, and nvcc."""

@@ -1,0 +1,1 @@
+"""Scheduler: fused instructions -> tasks on per-SM queues with (counter, target) dependencies."""

@@ -1,0 +1,161 @@
+"""Schedule: the FusedGraph's instructions split into tasks on per-SM queues, with counters.
+
+This is data (`schedule.json`), the contract between the scheduler, the CPU interpreter, the CUDA
+codegen and the verifier.
+
+Execution model. The kernel runs `steps` decode steps; in each step every SM runs its queue in
+order. Each task, before it starts, waits until for every `(counter, count, step_offset)` in
+`waits`: `counters[counter] >= (step + step_offset) * per_step[counter] + count`, where `step`
+is the global step index (counting from the allocation of the counters, never reset) and
+`per_step[counter]` is the number of tasks that signal that counter (each task signals exactly
+one counter, once per step, after its writes are complete). Targets therefore grow
+monotonically and no host reset is needed between tokens. `step_offset` is 0 (this step) or -1
+(the previous step: satisfied at step 0).
+
+Task parameters by kind (rows are half-open ranges; all tasks cover the whole batch):
+    EMBED            (c0, c1)     columns [c0, c1) of x
+    QKV_ROPE_APPEND  (r0, r1)     rows of [Wq; Wk; Wv] (Hq*D + 2*KV*D rows), whole heads
+    ATTN_PARTIAL     (g, p)       KV head g (query heads g*G .. g*G+G-1), partition p
+    ATTN_MERGE       (g,)         query heads of KV head g
+    OPROJ_RESIDUAL   (r0, r1)     rows of x
+    GATE_UP_SILU     (r0, r1)     rows of act
+    DOWN_PARTIAL     (r0, r1, k)  rows of x, split-K chunk k
+    DOWN_RESIDUAL    (r0, r1)     rows of x
+    LMHEAD_ARGMAX    (t,)         vocabulary tile t
+    ARGMAX_REDUCE    ()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from compiler.ir.fused import Kind
+from compiler.ir.graph import IRError
+from compiler.spec import ShapeTemplate
+
+SCHEDULE_VERSION = 1
+POLICIES = ("round_robin", "balanced")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that changes the schedule or the kernel; hashed into cache keys."""
+
+    sm_count: int = 132  # one CTA per SM: 132 on H100, 108 on A100
+    threads: int = 256  # threads per CTA
+    qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
+    row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
+    lm_head_rows: int = 128  # vocabulary rows per LM-head task
+    kv_partitions: int = 4  # P: split-KV partitions per KV head
+    down_splits: int = 4  # KS: split-K chunks of the down projection
+    embed_cols: int = 1024  # columns of x per EMBED task
+    policy: str = "round_robin"  # queue assignment: round_robin | balanced
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "policy" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"option {f.name} must be a positive integer, got {v!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"option policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.threads % 32:
+            raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable digest of the options (sorted JSON)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work on one SM: a tile of one instruction."""
+
+    id: int
+    instr: int  # index into FusedGraph.instrs
+    kind: Kind
+    layer: int
+    params: tuple[int, ...]
+    waits: tuple[tuple[int, int, int], ...]  # (counter, count, step_offset)
+    signal: int
+
+    def to_json(self) -> list[Any]:
+        return [self.id, self.instr, self.kind.value, self.layer, list(self.params),
+                [list(w) for w in self.waits], self.signal]
+
+    @classmethod
+    def from_json(cls, d: list[Any]) -> Task:
+        i, instr, kind, layer, params, waits, signal = d
+        return cls(int(i), int(instr), Kind(kind), int(layer), tuple(params),
+                   tuple((int(c), int(n), int(o)) for c, n, o in waits), int(signal))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tasks, counters and per-SM queues for one shape template and one set of options."""
+
+    template: ShapeTemplate
+    options: Options
+    binding: tuple[tuple[str, int], ...]  # symbol values: B, S, P, KS, NT
+    counters: tuple[tuple[str, int], ...]  # (name, per_step)
+    tasks: tuple[Task, ...]
+    queues: tuple[tuple[int, ...], ...]  # per SM: task ids in order
+    fused_digest: str
+
+    def bound(self) -> dict[str, int]:
+        return dict(self.binding)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schedule_version": SCHEDULE_VERSION,
+            "template": str(self.template),
+            "options": self.options.to_json(),
+            "binding": dict(self.binding),
+            "counters": [list(c) for c in self.counters],
+            "fused_digest": self.fused_digest,
+            "tasks": [t.to_json() for t in self.tasks],
+            "queues": [list(q) for q in self.queues],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Schedule:
+        if not isinstance(d, dict) or d.get("schedule_version") != SCHEDULE_VERSION:
+            raise IRError(f"not a schedule of version {SCHEDULE_VERSION}")
+        try:
+            return cls(
+                template=ShapeTemplate.parse(d["template"]),
+                options=Options(**d["options"]),
+                binding=tuple(sorted((k, int(v)) for k, v in d["binding"].items())),
+                counters=tuple((str(n), int(p)) for n, p in d["counters"]),
+                tasks=tuple(Task.from_json(t) for t in d["tasks"]),
+                queues=tuple(tuple(int(i) for i in q) for q in d["queues"]),
+                fused_digest=d["fused_digest"],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise IRError(f"bad schedule: {e}") from None
+
+    def canonical(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def dumps(self) -> str:
+        """One task per line, so a schedule can be read, diffed and hand-edited."""
+        d = self.to_json()
+        tasks = ",\n  ".join(json.dumps(t) for t in d.pop("tasks"))
+        queues = ",\n  ".join(json.dumps(q) for q in d.pop("queues"))
+        return json.dumps(d, sort_keys=True)[:-1] + f', "tasks": [\n  {tasks}\n], "queues": [\n  {queues}\n]}}\n'
+
+    @classmethod
+    def loads(cls, text: str) -> Schedule:
+        try:
+            return cls.from_json(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise IRError(f"schedule file is not JSON: {e}") from None
