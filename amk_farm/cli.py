@@ -39,6 +39,7 @@ def _user_errors(fn: F) -> F:
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from compiler.artifact import ArtifactError
         from compiler.frontend.checkpoint import CheckpointError
         from compiler.ir.graph import IRError
         from compiler.spec import SpecError
@@ -48,7 +49,14 @@ def _user_errors(fn: F) -> F:
         except BrokenPipeError:  # stdout closed early (`| head`): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
-        except (SpecError, IRError, CheckpointError, OSError) as e:
+        except (
+            SpecError,
+            IRError,
+            CheckpointError,
+            ArtifactError,
+            ValueError,
+            OSError,
+        ) as e:  # all user-facing
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(f"error: {msg}", file=sys.stderr)
             raise typer.Exit(1) from None
@@ -148,6 +156,37 @@ def models(as_json: JsonOpt = False) -> None:
         )
 
 
+def _onnx_graph(spec: Any, path: Path) -> Any:
+    """The graph of an ONNX decode step whose weights must be `spec`'s (HF names and shapes).
+
+    Updated caches may be named `new.k_cache.{l}` (ONNX values are single-assignment).
+    """
+    import onnx
+
+    from compiler.frontend.checkpoint import expected_tensors
+    from compiler.frontend.onnx_import import graph_from_onnx
+    from compiler.ir.graph import IRError
+    from compiler.ir.ops import Op
+
+    if not path.is_file():
+        raise IRError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise IRError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    caches = [f"{kv}_cache.{i}" for i in range(spec.num_layers) for kv in "kv"]
+    g, _ = graph_from_onnx(model, rename={f"new.{n}": n for n in caches})
+    expected = expected_tensors(spec)
+    for n in g.nodes:
+        if n.op is Op.WEIGHT and tuple(expected.get(n.name, ())) != tuple(n.shape):
+            want = expected.get(n.name)
+            raise IRError(
+                f"{path}: weight {n.name} {list(n.shape)} is not a weight of {spec.name}"
+                + (f" (expected {list(want)})" if want else "")
+            )
+    return g
+
+
 @app.command()
 @_user_errors
 def graph(
@@ -169,9 +208,7 @@ def graph(
 
     spec = catalog.resolve(model)
     if onnx is not None:
-        from compiler.frontend.onnx_import import graph_from_spec_onnx
-
-        g = graph_from_spec_onnx(spec, onnx)
+        g = _onnx_graph(spec, onnx)
         frontend = "onnx"
     else:
         from compiler.frontend.torch_export import graph_from_spec
@@ -203,6 +240,114 @@ def graph(
     print(f"model hash  {digest}")
     if output is not None:
         print(f"written     {output}")
+
+
+def _options(pairs: list[str], sm_count: int | None) -> Any:
+    import dataclasses
+
+    from compiler.schedule.schedule import Options
+
+    fields = {f.name: f.type for f in dataclasses.fields(Options)}
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"bad --option {pair!r} (expected KEY=VALUE, KEY one of {', '.join(fields)})"
+            )
+        values[key] = value if key == "policy" else _int(value, key)
+    if sm_count is not None:
+        values["sm_count"] = sm_count
+    return Options(**values)
+
+
+def _int(text: str, key: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--option {key} needs an integer, got {text!r}") from None
+
+
+@app.command("compile")
+@_user_errors
+def compile_(
+    model: Annotated[
+        str, typer.Argument(help="Catalog name, alias, or path to an HF config.json.")
+    ],
+    template: Annotated[
+        str, typer.Option("-t", "--template", help="Shape template b<batch>-s<max_seq>.")
+    ] = "b1-s4096",
+    arch: Annotated[
+        str, typer.Option("--arch", help="CUDA target: sm_80 (A100) or sm_90a (H100/H200).")
+    ] = "sm_90a",
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="HF safetensors checkpoint directory to check and record."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Artifact directory (default MODEL-TEMPLATE-ARCH)."),
+    ] = None,
+    start: Annotated[
+        Path | None,
+        typer.Option("--from", help="Start from this graph.json, fused.json or schedule.json."),
+    ] = None,
+    sm_count: Annotated[
+        int | None, typer.Option("--sm-count", help="SMs to schedule for (132 H100, 108 A100).")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="Schedule option KEY=VALUE; repeatable.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile MODEL into one artifact directory: graph, fused graph, schedule, kernel.cu, cubin."""
+    from compiler.pipeline import compile_model, load_stage
+    from compiler.spec import ShapeTemplate
+
+    spec = catalog.resolve(model)
+    shape = ShapeTemplate.parse(template)
+    opts = _options(option or [], sm_count)
+    ckpt = None
+    if weights is not None:
+        from compiler.frontend.checkpoint import Checkpoint, checkpoint_digest
+
+        Checkpoint.open(weights, spec)  # refuses a checkpoint that does not fit the model
+        ckpt = checkpoint_digest(weights)
+    begin = load_stage(start) if start is not None else None
+    out = output or Path(f"{spec.name.replace('/', '_')}-{shape}-{arch}")
+    manifest, st = compile_model(
+        spec,
+        shape,
+        arch,
+        out,
+        opts,
+        checkpoint_digest=ckpt,
+        start=begin,
+        progress=lambda stage: _progress(f"{spec.name} {shape} {arch}: {stage}"),
+    )
+    _progress("")
+    for note in st.notes:
+        print(f"note: {note}", file=sys.stderr)
+    summary = {
+        "artifact": str(out),
+        "model": spec.name,
+        "model_hash": manifest.model_hash,
+        "template": manifest.template,
+        "arch": arch,
+        "options_hash": manifest.options_hash,
+        "files": manifest.files,
+        "tasks": len(st.schedule.tasks) if st.schedule else None,
+        "cubin": st.cubin is not None,
+        "seconds": {k: round(v, 2) for k, v in st.timings.items()},
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(
+        f"{out}: {spec.name} {shape} {arch}, {summary['tasks']} tasks, cubin: {'yes' if st.cubin else 'no'}"
+    )
+    print(f"model hash  {manifest.model_hash}")
+    print("stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in st.timings.items()))
 
 
 def main() -> None:

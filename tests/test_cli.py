@@ -112,3 +112,26 @@ def test_console_script_builds_a_70b_graph_without_weights(tmp_path):
     peak_kb = int(proc.stderr.split("peak_kb")[-1])
     assert peak_kb < 3 * 2**20, f"peak memory {peak_kb} KB"
     assert Graph.loads(out.read_text()).digest() == summary["model_hash"]
+
+
+def test_graph_from_onnx_file(tmp_path):
+    """`graph MODEL --onnx FILE`: the ONNX frontend, checked against MODEL's weights."""
+    from amk_farm import catalog
+    from tests.test_onnx_import import _export
+
+    path = _export(catalog.resolve("tiny-llama"), tmp_path / "tiny.onnx")
+    out = tmp_path / "g.json"
+    result = runner.invoke(
+        app, ["graph", "tiny-llama", "--onnx", str(path), "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["frontend"] == "onnx"
+    assert Graph.loads(out.read_text()).digest() == summary["model_hash"]
+    wrong = runner.invoke(app, ["graph", "tiny-mistral", "--onnx", str(path)])
+    assert wrong.exit_code == 0  # same shapes: a mistral spec has the same weights
+    other = runner.invoke(app, ["graph", "llama-2-7b", "--onnx", str(path)])
+    assert other.exit_code == 1 and "is not a weight of llama-2-7b" in other.stderr
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01junk")
+    junk = runner.invoke(app, ["graph", "tiny-llama", "--onnx", str(tmp_path / "junk.onnx")])
+    assert junk.exit_code == 1 and junk.stderr.startswith("error: ")

@@ -88,7 +88,11 @@ class Buffer:
     value: tuple[float, ...] | None = None  # constants only (rope_inv_freq)
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.value}
+        d: dict[str, Any] = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype.value,
+        }
         if self.value is not None:
             d["value"] = encode_attr(self.value)
         return d
@@ -96,7 +100,12 @@ class Buffer:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Buffer:
         value = d.get("value")
-        return cls(d["name"], tuple(d["shape"]), DType(d["dtype"]), decode_attr(value, True) if value is not None else None)
+        return cls(
+            d["name"],
+            tuple(d["shape"]),
+            DType(d["dtype"]),
+            decode_attr(value, True) if value is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,9 @@ class FusedGraph:
             raise IRError(f"bad fused graph: {e}") from None
 
     def canonical(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(
+            self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False
+        ).encode()
 
     def digest(self) -> str:
         return hashlib.sha256(self.canonical()).hexdigest()

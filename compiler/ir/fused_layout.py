@@ -87,16 +87,38 @@ def layer_instrs(layer: int, eps: float) -> list[Instr]:
     p, k, v = f"model.layers.{layer}.", f"k_cache.{layer}", f"v_cache.{layer}"
     e = (("eps", eps),)
     return [
-        Instr(Kind.QKV_ROPE_APPEND, layer,
-              ("x", p + "input_layernorm.weight", p + "self_attn.q_proj.weight",
-               p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight", "rope_inv_freq", "pos", k, v),
-              ("q", k, v), e),
+        Instr(
+            Kind.QKV_ROPE_APPEND,
+            layer,
+            (
+                "x",
+                p + "input_layernorm.weight",
+                p + "self_attn.q_proj.weight",
+                p + "self_attn.k_proj.weight",
+                p + "self_attn.v_proj.weight",
+                "rope_inv_freq",
+                "pos",
+                k,
+                v,
+            ),
+            ("q", k, v),
+            e,
+        ),
         Instr(Kind.ATTN_PARTIAL, layer, ("q", k, v, "pos"), ("attn_o", "attn_m", "attn_l")),
         Instr(Kind.ATTN_MERGE, layer, ("attn_o", "attn_m", "attn_l"), ("attn",)),
         Instr(Kind.OPROJ_RESIDUAL, layer, ("attn", p + "self_attn.o_proj.weight", "x"), ("x",)),
-        Instr(Kind.GATE_UP_SILU, layer,
-              ("x", p + "post_attention_layernorm.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-              ("act",), e),
+        Instr(
+            Kind.GATE_UP_SILU,
+            layer,
+            (
+                "x",
+                p + "post_attention_layernorm.weight",
+                p + "mlp.gate_proj.weight",
+                p + "mlp.up_proj.weight",
+            ),
+            ("act",),
+            e,
+        ),
         Instr(Kind.DOWN_PARTIAL, layer, ("act", p + "mlp.down_proj.weight"), ("down",)),
         Instr(Kind.DOWN_RESIDUAL, layer, ("down", "x"), ("x",)),
     ]
@@ -107,8 +129,15 @@ def instrs_of(dims: dict[str, Any]) -> tuple[Instr, ...]:
     out = [Instr(Kind.EMBED, -1, ("token", "model.embed_tokens.weight"), ("x",))]
     for layer in range(dims["layers"]):
         out += layer_instrs(layer, dims["eps"])
-    out.append(Instr(Kind.LMHEAD_ARGMAX, -1, ("x", "model.norm.weight", head_weight(dims)),
-                     ("logits", "amax_val", "amax_idx"), (("eps", dims["eps"]),)))
+    out.append(
+        Instr(
+            Kind.LMHEAD_ARGMAX,
+            -1,
+            ("x", "model.norm.weight", head_weight(dims)),
+            ("logits", "amax_val", "amax_idx"),
+            (("eps", dims["eps"]),),
+        )
+    )
     out.append(Instr(Kind.ARGMAX_REDUCE, -1, ("amax_val", "amax_idx"), ("token",)))
     return tuple(out)
 

@@ -61,7 +61,9 @@ class Options:
             if f.name != "policy" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ValueError(f"option {f.name} must be a positive integer, got {v!r}")
         if self.policy not in POLICIES:
-            raise ValueError(f"option policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+            raise ValueError(
+                f"option policy must be one of {', '.join(POLICIES)}, got {self.policy!r}"
+            )
         if self.threads % 32:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
 
@@ -86,14 +88,28 @@ class Task:
     signal: int
 
     def to_json(self) -> list[Any]:
-        return [self.id, self.instr, self.kind.value, self.layer, list(self.params),
-                [list(w) for w in self.waits], self.signal]
+        return [
+            self.id,
+            self.instr,
+            self.kind.value,
+            self.layer,
+            list(self.params),
+            [list(w) for w in self.waits],
+            self.signal,
+        ]
 
     @classmethod
     def from_json(cls, d: list[Any]) -> Task:
         i, instr, kind, layer, params, waits, signal = d
-        return cls(int(i), int(instr), Kind(kind), int(layer), tuple(params),
-                   tuple((int(c), int(n), int(o)) for c, n, o in waits), int(signal))
+        return cls(
+            int(i),
+            int(instr),
+            Kind(kind),
+            int(layer),
+            tuple(params),
+            tuple((int(c), int(n), int(o)) for c, n, o in waits),
+            int(signal),
+        )
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,10 @@ class Schedule:
         d = self.to_json()
         tasks = ",\n  ".join(json.dumps(t) for t in d.pop("tasks"))
         queues = ",\n  ".join(json.dumps(q) for q in d.pop("queues"))
-        return json.dumps(d, sort_keys=True)[:-1] + f', "tasks": [\n  {tasks}\n], "queues": [\n  {queues}\n]}}\n'
+        return (
+            json.dumps(d, sort_keys=True)[:-1]
+            + f', "tasks": [\n  {tasks}\n], "queues": [\n  {queues}\n]}}\n'
+        )
 
     @classmethod
     def loads(cls, text: str) -> Schedule:
