@@ -45,7 +45,8 @@ Instruction kinds, with their `inputs` and `outputs` in this exact order (l = la
     DOWN_RESIDUAL    (down, x) -> (x)                    x = x + down[0] + ... + down[KS-1]
     LMHEAD_ARGMAX    (x, model.norm.weight, lm_head weight) -> (logits, amax_val, amax_idx)
                      logits = rms(x) * w W^T; tile t covers vocab rows [t*CV, min((t+1)*CV, V)),
-                     CV = ceil(V/NT); amax over the tile, first index on ties.
+                     CV = ceil(V/NT); amax over the tile, first index on ties. A tile past
+                     the vocabulary (t*CV >= V) is empty and holds (-inf, -1).
     ARGMAX_REDUCE    (amax_val, amax_idx) -> (token)     first maximum over tiles in order
 """
 
@@ -148,8 +149,9 @@ class Instr:
 class FusedGraph:
     """Instructions in program order, the buffers and weights they name, and model dimensions.
 
-    `dims` holds hidden, intermediate, vocab, layers, heads, kv_heads, head_dim, eps and
-    sliding_window (None if absent); `graph_digest` is the model hash of the source graph.
+    `dims` holds hidden, intermediate, vocab, layers, heads, kv_heads, head_dim, eps,
+    sliding_window (None if absent) and tied (the LM head is the embedding table);
+    `graph_digest` is the model hash of the source graph.
     """
 
     dims: tuple[tuple[str, AttrValue], ...]
