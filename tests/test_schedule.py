@@ -1,0 +1,363 @@
+"""The scheduler: symbol binding, tiling, regions, dependencies and counters, queues, schedule.json.
+
+Structured expectations first (the canonical tiny-llama program and the exact waits each task
+kind must end up with), then properties over several option sets (every direct hazard is
+implied by the counters; queues in program order; per_step consistent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+
+from amk_farm import catalog
+from compiler.ir.fused import FusedGraph, Kind
+from compiler.ir.fused_layout import layout
+from compiler.ir.graph import IRError
+from compiler.schedule import build_schedule
+from compiler.schedule.build import check_schedule, program_order_violations
+from compiler.schedule.deps import direct
+from compiler.schedule.queues import task_cost
+from compiler.schedule.regions import (
+    Geometry,
+    coalesce,
+    instr_writes,
+    intersect,
+    subtract,
+    task_access,
+    tracked,
+    volume,
+)
+from compiler.schedule.schedule import Options, Schedule, Task
+from compiler.schedule.split import bind, split
+from compiler.spec import ModelSpec, ShapeTemplate
+
+TINY = catalog.resolve("tiny-llama")  # H 256, I 512, V 512, 4 heads, 2 KV heads, D 64, 2 layers
+MISTRAL = catalog.resolve("tiny-mistral")
+B4 = ShapeTemplate(4, 64)
+# Options whose tiles do not align with anything: QKV tiles straddle q/k/v and KV groups,
+# row tiles do not divide H or the down chunks, uneven LM-head tiles, KS clamped to a divisor.
+ODD = Options(qkv_heads_per_task=3, row_tile=48, lm_head_rows=100, kv_partitions=3,
+              down_splits=3, embed_cols=100, sm_count=7)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fg() -> FusedGraph:
+    return layout(TINY)
+
+
+@pytest.fixture(scope="module")
+def sched(fg: FusedGraph) -> Schedule:
+    return build_schedule(fg, B4, Options())
+
+
+def _members(s: Schedule) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for t in s.tasks:
+        out.setdefault(t.signal, set()).add(t.id)
+    return out
+
+
+def _needed(s: Schedule, t: Task) -> set[int]:
+    """Tasks of this step that t waits for (the members of every counter it waits on)."""
+    m = _members(s)
+    return set().union(*(m[c] for c, _, off in t.waits if off == 0))
+
+
+def _of(s: Schedule, kind: Kind, layer: int | None = None) -> list[Task]:
+    return [t for t in s.tasks if t.kind is kind and (layer is None or t.layer == layer)]
+
+
+# -- binding and tiles --------------------------------------------------------------------
+
+
+def test_binding_clamps_and_divides(fg: FusedGraph) -> None:
+    assert bind(fg, B4, Options()) == {"B": 4, "S": 64, "P": 4, "KS": 4, "NT": 4}
+    # P clamped to S; KS the largest divisor of I = 512 not above 3; NT = ceil(512 / 100).
+    assert bind(fg, ShapeTemplate(2, 2), ODD) == {"B": 2, "S": 2, "P": 2, "KS": 2, "NT": 6}
+    assert bind(layout(dataclasses.replace(TINY, intermediate_size=480)), B4,
+                Options(down_splits=7)) == {"B": 4, "S": 64, "P": 4, "KS": 6, "NT": 4}  # fmt: skip
+
+
+def test_task_counts_per_kind(fg: FusedGraph, sched: Schedule) -> None:
+    per_layer = {Kind.QKV_ROPE_APPEND: 8, Kind.ATTN_PARTIAL: 2 * 4, Kind.ATTN_MERGE: 2,
+                 Kind.OPROJ_RESIDUAL: 256 // 64, Kind.GATE_UP_SILU: 512 // 64,
+                 Kind.DOWN_PARTIAL: 4 * 4, Kind.DOWN_RESIDUAL: 4}  # fmt: skip
+    want = {k: 2 * n for k, n in per_layer.items()}
+    want |= {Kind.EMBED: 1, Kind.LMHEAD_ARGMAX: 4, Kind.ARGMAX_REDUCE: 1}
+    assert Counter(t.kind for t in sched.tasks) == want
+    odd = build_schedule(fg, B4, ODD)
+    want_odd = {Kind.QKV_ROPE_APPEND: 2 * 3, Kind.ATTN_PARTIAL: 2 * 2 * 3, Kind.ATTN_MERGE: 2 * 2,
+                Kind.OPROJ_RESIDUAL: 2 * 6, Kind.GATE_UP_SILU: 2 * 11, Kind.DOWN_PARTIAL: 2 * 6 * 2,
+                Kind.DOWN_RESIDUAL: 2 * 6, Kind.EMBED: 3, Kind.LMHEAD_ARGMAX: 6,
+                Kind.ARGMAX_REDUCE: 1}  # fmt: skip
+    assert Counter(t.kind for t in odd.tasks) == want_odd
+    assert [t.params for t in _of(odd, Kind.QKV_ROPE_APPEND, 0)] == [
+        (0, 192),
+        (192, 384),
+        (384, 512),
+    ]
+    assert [t.params for t in _of(odd, Kind.EMBED)] == [(0, 100), (100, 200), (200, 256)]
+    assert [t.params for t in _of(odd, Kind.DOWN_PARTIAL, 0)][:3] == [
+        (0, 48, 0),
+        (0, 48, 1),
+        (48, 96, 0),
+    ]
+
+
+def test_task_ids_are_program_order(sched: Schedule) -> None:
+    assert [t.id for t in sched.tasks] == list(range(len(sched.tasks)))
+    assert [t.instr for t in sched.tasks] == sorted(t.instr for t in sched.tasks)
+
+
+# -- regions ------------------------------------------------------------------------------
+
+
+def test_boxes() -> None:
+    a = ((0, 4), (0, 4))
+    assert intersect(a, ((2, 6), (1, 2))) == ((2, 4), (1, 2))
+    assert intersect(a, ((4, 6), (0, 4))) is None
+    pieces = subtract(a, ((1, 2), (1, 3)))
+    assert sum(volume(p) for p in pieces) == 16 - 2
+    assert all(intersect(p, q) is None for i, p in enumerate(pieces) for q in pieces[i + 1 :])
+    assert subtract(a, ((5, 6), (0, 1))) == [a]
+    assert coalesce([((0, 1), (p, p + 1)) for p in range(5)]) == [((0, 1), (0, 5))]
+
+
+def test_cache_regions_static_and_exact(fg: FusedGraph) -> None:
+    g = Geometry.of(fg, bind(fg, B4, Options()))
+    qkv = fg.instrs[1]
+    k_head_1 = (4 * 64 + 64, 4 * 64 + 128)  # stacked rows of KV head 1's k projection
+    static = task_access(qkv, k_head_1, g)
+    assert static.writes == (("k_cache.0", ((0, 4), (1, 2), (0, 64), (0, 64))),)
+    exact = task_access(qkv, k_head_1, g, pos=9)
+    assert exact.writes == (("k_cache.0", ((0, 4), (1, 2), (9, 10), (0, 64))),)
+    assert ("model.layers.0.self_attn.k_proj.weight", ((64, 128), (0, 256))) in exact.reads
+    attn = fg.instrs[2]  # P = 4 partitions of C = 16 positions
+    assert dict(task_access(attn, (1, 1), g).reads)["k_cache.0"] == (
+        (0, 4),
+        (1, 2),
+        (16, 32),
+        (0, 64),
+    )
+    assert dict(task_access(attn, (1, 1), g, pos=20).reads)["k_cache.0"][2] == (16, 21)
+    assert "k_cache.0" not in dict(task_access(attn, (1, 2), g, pos=20).reads)  # nothing visible
+
+
+def test_sliding_window_regions() -> None:
+    fg = layout(MISTRAL)  # window 16
+    g = Geometry.of(fg, bind(fg, B4, Options()))
+    assert g.keys(0, pos=20) == (5, 16) and g.keys(1, pos=20) == (16, 21)
+    lo, hi = g.keys(0, pos=40)  # empty: the window starts at 25
+    assert lo == hi
+    assert g.keys(2, pos=40) == (32, 41) and g.keys(1, pos=40) == (25, 32)
+
+
+def test_instruction_writes_are_exactly_the_tiles(fg: FusedGraph) -> None:
+    for opts in (Options(), ODD):
+        g = Geometry.of(fg, bind(fg, B4, opts))
+        tasks = split(fg, g, opts)
+        for i, ins in enumerate(fg.instrs):
+            want = sum(volume(b) for _, b in instr_writes(ins, g))
+            got = sum(
+                volume(b)
+                for s in tasks
+                if s.instr == i
+                for _, b in task_access(ins, s.params, g).writes
+            )
+            assert got == want, (i, ins.kind)
+
+
+# -- dependencies and counters ------------------------------------------------------------
+
+
+def test_waits_are_exactly_the_needed_producers(sched: Schedule) -> None:
+    """tiny-llama, default options: what each task kind must wait for, no more, no less."""
+    (embed,) = _of(sched, Kind.EMBED)
+    (argmax,) = _of(sched, Kind.ARGMAX_REDUCE)
+    assert embed.waits == ((argmax.signal, 1, -1),)
+    assert [t.id for t in sched.tasks if any(off == -1 for _, _, off in t.waits)] == [embed.id]
+    ids = lambda ts: {t.id for t in ts}  # noqa: E731
+    for layer in (0, 1):
+        qkv = _of(sched, Kind.QKV_ROPE_APPEND, layer)
+        prev = ids([embed]) if layer == 0 else ids(_of(sched, Kind.DOWN_RESIDUAL, 0))
+        assert all(_needed(sched, t) == prev for t in qkv)
+        for t in _of(sched, Kind.ATTN_PARTIAL, layer):
+            g = t.params[0]  # q heads 2g, 2g+1 (stacked rows 64 each), k head g, v head g
+            heads = {2 * g, 2 * g + 1, 4 + g, 6 + g}
+            assert _needed(sched, t) == {q.id for q in qkv if q.params[0] // 64 in heads}
+        partial = _of(sched, Kind.ATTN_PARTIAL, layer)
+        for t in _of(sched, Kind.ATTN_MERGE, layer):
+            assert _needed(sched, t) == {p.id for p in partial if p.params[0] == t.params[0]}
+        merges = ids(_of(sched, Kind.ATTN_MERGE, layer))
+        assert all(_needed(sched, t) == merges for t in _of(sched, Kind.OPROJ_RESIDUAL, layer))
+        oproj = ids(_of(sched, Kind.OPROJ_RESIDUAL, layer))
+        assert all(_needed(sched, t) == oproj for t in _of(sched, Kind.GATE_UP_SILU, layer))
+        gate = _of(sched, Kind.GATE_UP_SILU, layer)
+        for t in _of(sched, Kind.DOWN_PARTIAL, layer):  # chunk k = act columns [128k, 128k+128)
+            k = t.params[2]
+            assert _needed(sched, t) == {u.id for u in gate if u.params[0] // 128 == k}
+        down = _of(sched, Kind.DOWN_PARTIAL, layer)
+        for t in _of(sched, Kind.DOWN_RESIDUAL, layer):
+            assert _needed(sched, t) == {u.id for u in down if u.params[:2] == t.params}
+    last = ids(_of(sched, Kind.DOWN_RESIDUAL, 1))
+    assert all(_needed(sched, t) == last for t in _of(sched, Kind.LMHEAD_ARGMAX))
+    assert _needed(sched, argmax) == ids(_of(sched, Kind.LMHEAD_ARGMAX))
+    # one counter per KV group of QKV and attention, per chunk of GATE_UP, per row of DOWN
+    kinds = Counter(name.split(".")[1] for name, _ in sched.counters)
+    assert kinds["qkv_rope_append"] == 2 * 2 and kinds["attn_partial"] == 2 * 2
+    assert kinds["gate_up_silu"] == 2 * 4 and kinds["down_partial"] == 2 * 4
+    assert kinds["oproj_residual"] == kinds["attn_merge"] == kinds["down_residual"] == 2
+
+
+def _closure(s: Schedule) -> list[set[int]]:
+    """Every task each task transitively waits for within the step."""
+    m = _members(s)
+    out: list[set[int]] = []
+    for t in s.tasks:
+        acc: set[int] = set()
+        for c, _, off in t.waits:
+            if off == 0:
+                for u in m[c]:
+                    acc |= {u} | out[u]
+        out.append(acc)
+    return out
+
+
+@pytest.mark.parametrize("spec", [TINY, MISTRAL], ids=lambda s: s.name)
+@pytest.mark.parametrize("opts", [Options(), ODD, Options(policy="balanced", sm_count=108)],
+                         ids=["default", "odd", "balanced"])  # fmt: skip
+def test_every_direct_hazard_is_waited_for(spec: ModelSpec, opts: Options) -> None:
+    fg = layout(spec)
+    s = build_schedule(fg, B4, opts)
+    g = Geometry.of(fg, s.bound())
+    specs = split(fg, g, opts)
+    deps = direct(specs, [task_access(fg.instrs[x.instr], x.params, g) for x in specs], tracked(fg))
+    closure = _closure(s)
+    for t, d in enumerate(deps):
+        assert d <= closure[t], (t, sorted(d - closure[t]))
+    sink = len(s.tasks) - 1  # every task reaches the sink; only roots wait on the last step
+    assert closure[sink] == set(range(sink))
+    for task in s.tasks:
+        assert (task.waits == ((s.tasks[sink].signal, 1, -1),)) == (not closure[task.id])
+
+
+def test_waw_and_war_on_the_residual_stream(fg: FusedGraph) -> None:
+    """A program without attention keeps the WAR of x (QKV reads it, OPROJ rewrites it)."""
+    i = {k: n for n, k in reversed(list(enumerate(ins.kind for ins in fg.instrs)))}
+    sub = dataclasses.replace(fg, instrs=tuple(fg.instrs[i[k]] for k in (
+        Kind.EMBED, Kind.QKV_ROPE_APPEND, Kind.OPROJ_RESIDUAL, Kind.LMHEAD_ARGMAX, Kind.ARGMAX_REDUCE)))  # fmt: skip
+    s = build_schedule(sub, B4, Options())
+    qkv = {t.id for t in _of(s, Kind.QKV_ROPE_APPEND)}
+    for t in _of(s, Kind.OPROJ_RESIDUAL):
+        assert _needed(s, t) == qkv  # WAR on x; the RAW/WAW on EMBED is implied through QKV
+    # Without OPROJ, QKV's tasks have no consumer: they become dependencies of the sink.
+    leafy = dataclasses.replace(
+        sub, instrs=tuple(x for x in sub.instrs if x.kind is not Kind.OPROJ_RESIDUAL)
+    )
+    s = build_schedule(leafy, B4, Options())
+    (sink,) = _of(s, Kind.ARGMAX_REDUCE)
+    qkv = {t.id for t in _of(s, Kind.QKV_ROPE_APPEND)}
+    assert _needed(s, sink) == qkv | {t.id for t in _of(s, Kind.LMHEAD_ARGMAX)}
+
+
+def test_counters_and_per_step_consistent(sched: Schedule) -> None:
+    signals = Counter(t.signal for t in sched.tasks)
+    assert [n for _, n in sched.counters] == [signals[c] for c in range(len(sched.counters))]
+    assert len({n for n, _ in sched.counters}) == len(sched.counters)
+    for t in sched.tasks:
+        for c, count, off in t.waits:
+            assert count == sched.counters[c][1] and off in (0, -1)
+            assert all(u < t.id for u in _members(sched)[c]) or off == -1
+
+
+@pytest.mark.parametrize("opts", [Options(), Options(sm_count=108), Options(sm_count=5),
+                                  Options(policy="balanced"), dataclasses.replace(ODD, policy="balanced")])  # fmt: skip
+def test_queues_in_program_order(fg: FusedGraph, opts: Options) -> None:
+    s = build_schedule(fg, B4, opts)
+    assert len(s.queues) == opts.sm_count
+    assert program_order_violations(s) == []
+    assert sorted(i for q in s.queues for i in q) == list(range(len(s.tasks)))
+
+
+def test_round_robin_continues_where_the_last_instruction_stopped(fg: FusedGraph) -> None:
+    s = build_schedule(fg, B4, Options(sm_count=5))
+    sm_of = {i: sm for sm, q in enumerate(s.queues) for i in q}
+    assert [sm_of[t.id] for t in s.tasks[:12]] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+
+
+def test_balanced_policy_evens_out_weight_bytes() -> None:
+    spec = dataclasses.replace(catalog.resolve("llama-2-7b"), num_layers=2)
+    fg = layout(spec)
+    t = ShapeTemplate(1, 256)
+    worst = {}
+    for policy in ("round_robin", "balanced"):
+        s = build_schedule(fg, t, Options(sm_count=108, policy=policy))
+        g = Geometry.of(fg, s.bound())
+        weights = frozenset(n for n, _ in fg.weights)
+        specs = split(fg, g, s.options)
+        cost = [
+            task_cost(x, task_access(fg.instrs[x.instr], x.params, g), weights, g) for x in specs
+        ]
+        loads = [sum(cost[i] for i in q) for q in s.queues]
+        worst[policy] = max(loads) / (sum(loads) / len(loads))
+        assert program_order_violations(s) == []
+    assert worst["balanced"] < worst["round_robin"]
+    assert worst["balanced"] < 1.1
+
+
+# -- schedule.json ------------------------------------------------------------------------
+
+
+def test_round_trip(fg: FusedGraph, sched: Schedule) -> None:
+    assert Schedule.loads(sched.dumps()) == sched
+    odd = build_schedule(fg, B4, ODD)
+    assert Schedule.loads(odd.dumps()) == odd
+    assert odd.digest() != sched.digest()
+    assert sched.fused_digest == fg.digest()
+    check_schedule(Schedule.loads(sched.dumps()), fg)
+
+
+def test_options_hash_differs_per_option() -> None:
+    base = Options()
+    changed: dict[str, object] = {
+        f.name: getattr(base, f.name) * 2 for f in dataclasses.fields(Options)
+    }
+    changed["policy"] = "balanced"
+    hashes = {base.hash()} | {
+        Options(**(base.to_json() | {k: v})).hash() for k, v in changed.items()
+    }
+    assert len(hashes) == 1 + len(changed)
+    assert Options().hash() == base.hash()
+
+
+def test_check_schedule_rejects_broken_bookkeeping(fg: FusedGraph, sched: Schedule) -> None:
+    def broken(**kw: object) -> Schedule:
+        return dataclasses.replace(sched, **kw)  # type: ignore[arg-type]
+
+    counters = list(sched.counters)
+    counters[0] = (counters[0][0], counters[0][1] + 1)
+    tasks = list(sched.tasks)
+    tasks[5] = dataclasses.replace(tasks[5], waits=((0, 1, -2),))
+    cases = {
+        "per_step": broken(counters=tuple(counters)),
+        "bad wait": broken(tasks=tuple(tasks)),
+        "exactly one queue": broken(
+            queues=(sched.queues[0] + sched.queues[0][:1], *sched.queues[1:])
+        ),
+        "another fused graph": broken(fused_digest="0" * 64),
+        "disagrees with template": broken(template=ShapeTemplate(8, 64)),
+    }
+    for message, s in cases.items():
+        with pytest.raises(IRError, match=message):
+            check_schedule(s, fg)
+
+
+def test_templates_build(fg: FusedGraph) -> None:
+    for batch in (1, 4, 8, 16):
+        s = build_schedule(fg, ShapeTemplate(batch, 64), Options())
+        assert s.bound()["B"] == batch and program_order_violations(s) == []
+    with pytest.raises(IRError, match="single task"):
+        build_schedule(dataclasses.replace(fg, instrs=fg.instrs[:-1]), B4, Options())
