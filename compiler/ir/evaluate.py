@@ -169,7 +169,9 @@ def evaluate(
             v = _step(n, xs, env)  # type: ignore[arg-type]
             want = concrete(n.shape, env)
             if tuple(v.shape) != want:
-                raise IRError(f"node {i} ({n.op.value}) produced shape {list(v.shape)}, graph says {list(want)}")
+                raise IRError(
+                    f"node {i} ({n.op.value}) produced shape {list(v.shape)}, graph says {list(want)}"
+                )
         values[i] = v
         for j in n.inputs:  # free what no later node reads
             if last_use[j] == i and j not in keep:

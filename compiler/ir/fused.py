@@ -42,7 +42,8 @@ Instruction kinds, with their `inputs` and `outputs` in this exact order (l = la
                      h = rms(x) * w; act = silu(h Wg^T) * (h Wu^T)
     DOWN_PARTIAL     (act, down_proj) -> (down)
                      down[k] = act[:, k*CI:(k+1)*CI] Wd[:, k*CI:(k+1)*CI]^T, CI = I / KS
-    DOWN_RESIDUAL    (down, x) -> (x)                    x = x + down[0] + ... + down[KS-1]
+    DOWN_RESIDUAL    (down, x) -> (x)                    x = x + (down[0] + ... + down[KS-1]),
+                     the chunks summed in order k = 0 .. KS-1
     LMHEAD_ARGMAX    (x, model.norm.weight, lm_head weight) -> (logits, amax_val, amax_idx)
                      logits = rms(x) * w W^T; tile t covers vocab rows [t*CV, min((t+1)*CV, V)),
                      CV = ceil(V/NT); amax over the tile, first index on ties. A tile past

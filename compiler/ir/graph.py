@@ -89,7 +89,9 @@ class Node:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Node:
         try:
-            attrs = tuple(sorted((k, decode_attr(v, k in FLOAT_ATTRS)) for k, v in d.get("attrs", {}).items()))
+            attrs = tuple(
+                sorted((k, decode_attr(v, k in FLOAT_ATTRS)) for k, v in d.get("attrs", {}).items())
+            )
             return cls(
                 op=Op(d["op"]),
                 inputs=tuple(int(i) for i in d["in"]),
@@ -133,7 +135,9 @@ class Graph:
 
     def canonical(self) -> bytes:
         """Canonical serialization: sorted keys, no whitespace, strict JSON."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(
+            self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False
+        ).encode()
 
     def digest(self) -> str:
         """sha256 of the canonical form: the model hash of a weight-free graph."""
@@ -192,8 +196,13 @@ class GraphBuilder:
     outputs: list[tuple[str, int]] = field(default_factory=list)
 
     def add(
-        self, op: Op, inputs: Iterable[int], shape: Sequence[Dim], dtype: DType,
-        name: str = "", **attrs: Any,
+        self,
+        op: Op,
+        inputs: Iterable[int],
+        shape: Sequence[Dim],
+        dtype: DType,
+        name: str = "",
+        **attrs: Any,
     ) -> int:
         node = Node(
             op=op,
@@ -212,7 +221,9 @@ class GraphBuilder:
         self._index[node] = len(self.nodes) - 1
         return len(self.nodes) - 1
 
-    def const(self, value: float | int | bool | Sequence[Any], shape: Sequence[Dim], dtype: DType) -> int:
+    def const(
+        self, value: float | int | bool | Sequence[Any], shape: Sequence[Dim], dtype: DType
+    ) -> int:
         flat = value if isinstance(value, list | tuple) else [value]
         return self.add(Op.CONST, (), shape, dtype, value=tuple(flat))
 

@@ -81,14 +81,27 @@ class Op(enum.Enum):
     SLICE = "slice"  # axis, start, stop (None = end), step
     CONCAT = "concat"  # axis; any number of inputs
     GATHER = "gather"  # (data, indices), axis: numpy take
-    INDEX_COPY = "index_copy"  # (dst, index[n], src), axis: dst with dst[.., index[i], ..] = src[.., i, ..]
+    INDEX_COPY = (
+        "index_copy"  # (dst, index[n], src), axis: dst with dst[.., index[i], ..] = src[.., i, ..]
+    )
     ARANGE = "arange"  # (), start, step; length is the node's shape[0]
 
 
 LEAVES = frozenset({Op.INPUT, Op.WEIGHT, Op.CONST})
 UNARY = frozenset(
-    {Op.NEG, Op.RECIPROCAL, Op.SQRT, Op.RSQRT, Op.EXP, Op.SIN, Op.COS, Op.SIGMOID, Op.SILU,
-     Op.NOT, Op.CAST}
+    {
+        Op.NEG,
+        Op.RECIPROCAL,
+        Op.SQRT,
+        Op.RSQRT,
+        Op.EXP,
+        Op.SIN,
+        Op.COS,
+        Op.SIGMOID,
+        Op.SILU,
+        Op.NOT,
+        Op.CAST,
+    }
 )
 BINARY = frozenset(
     {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.EQ, Op.LT, Op.LE, Op.GT, Op.GE, Op.AND, Op.OR}

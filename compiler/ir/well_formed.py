@@ -11,8 +11,12 @@ import math
 from compiler.ir.graph import Dim, Graph, IRError, Node, Shape
 from compiler.ir.ops import BINARY, COMPARISONS, LEAVES, REDUCTIONS, UNARY, DType, Op
 
-ARITY = {op: 1 for op in UNARY | REDUCTIONS | {Op.ARGMAX, Op.SOFTMAX, Op.RESHAPE, Op.EXPAND,
-                                                Op.TRANSPOSE, Op.SLICE}}
+ARITY = {
+    op: 1
+    for op in UNARY
+    | REDUCTIONS
+    | {Op.ARGMAX, Op.SOFTMAX, Op.RESHAPE, Op.EXPAND, Op.TRANSPOSE, Op.SLICE}
+}
 ARITY |= {op: 2 for op in BINARY | {Op.MATMUL, Op.GATHER}}
 ARITY |= {op: 0 for op in LEAVES | {Op.ARANGE}}
 ARITY |= {Op.WHERE: 3, Op.INDEX_COPY: 3}
@@ -40,7 +44,9 @@ def _axis(ax: int, rank: int) -> int:
 
 def _numel(shape: Shape) -> tuple[int, tuple[str, ...]]:
     """Product of the int dims and the sorted multiset of symbols (exact for monomials)."""
-    return math.prod(d for d in shape if isinstance(d, int)), tuple(sorted(d for d in shape if isinstance(d, str)))
+    return math.prod(d for d in shape if isinstance(d, int)), tuple(
+        sorted(d for d in shape if isinstance(d, str))
+    )
 
 
 def _reduced(shape: Shape, axes: tuple[int, ...], keep: bool) -> Shape:
@@ -70,7 +76,9 @@ def infer(n: Node, ins: list[Node]) -> Shape:
         return _broadcast(_broadcast(shapes[0], shapes[1]), shapes[2])
     if op in REDUCTIONS:
         axes = n.attr("axes")
-        return _reduced(shapes[0], tuple(axes) if isinstance(axes, tuple) else (axes,), bool(n.attr("keepdim")))
+        return _reduced(
+            shapes[0], tuple(axes) if isinstance(axes, tuple) else (axes,), bool(n.attr("keepdim"))
+        )
     if op is Op.ARGMAX:
         return _reduced(shapes[0], (n.attr("axis"),), bool(n.attr("keepdim")))
     if op is Op.SOFTMAX:
@@ -92,7 +100,9 @@ def infer(n: Node, ins: list[Node]) -> Shape:
     if op is Op.TRANSPOSE:
         perm = n.attr("perm")
         if sorted(perm) != list(range(len(shapes[0]))):
-            raise IRError(f"transpose perm {list(perm)} is not a permutation of rank {len(shapes[0])}")
+            raise IRError(
+                f"transpose perm {list(perm)} is not a permutation of rank {len(shapes[0])}"
+            )
         return tuple(shapes[0][p] for p in perm)
     if op is Op.SLICE:
         s = list(shapes[0])
@@ -184,4 +194,3 @@ def well_formed(graph: Graph) -> None:
     dead = [i for i in range(len(graph.nodes)) if i not in live]
     if dead:
         raise IRError(f"node {dead[0]} ({graph.nodes[dead[0]].op.value}) is not used by any output")
-

@@ -8,8 +8,9 @@ order. Each task, before it starts, waits until for every `(counter, count, step
 `waits`: `counters[counter] >= (step + step_offset) * per_step[counter] + count`, where `step`
 is the global step index (counting from the allocation of the counters, never reset) and
 `per_step[counter]` is the number of tasks that signal that counter (each task signals exactly
-one counter, once per step, after its writes are complete). Targets therefore grow
-monotonically and no host reset is needed between tokens. `step_offset` is 0 (this step) or -1
+one counter, once per step, after its writes are complete). Counters are unsigned 64-bit
+integers in device memory, zeroed once at allocation; targets therefore grow monotonically
+and no host reset is needed between tokens. `step_offset` is 0 (this step) or -1
 (the previous step: satisfied at step 0).
 
 Task parameters by kind (rows are half-open ranges; all tasks cover the whole batch):
@@ -49,10 +50,12 @@ class Options:
     threads: int = 256  # threads per CTA
     qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
     row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
-    lm_head_rows: int = 128  # vocabulary rows per LM-head task
+    lm_head_rows: int = (
+        128  # at most this many vocabulary rows per LM-head task (NT = ceil(V / it))
+    )
     kv_partitions: int = 4  # P: split-KV partitions per KV head
     down_splits: int = 4  # KS: split-K chunks of the down projection
-    embed_cols: int = 1024  # columns of x per EMBED task
+    embed_cols: int = 1024  # columns of x per EMBED task, a multiple of 8 (16-byte rows)
     policy: str = "round_robin"  # queue assignment: round_robin | balanced
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class Options:
             raise ValueError(
                 f"option policy must be one of {', '.join(POLICIES)}, got {self.policy!r}"
             )
+        if self.embed_cols % 8:
+            raise ValueError(f"option embed_cols must be a multiple of 8, got {self.embed_cols}")
         if self.threads % 32:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
 

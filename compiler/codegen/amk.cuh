@@ -1,0 +1,334 @@
+// ---------------------------------------------------------------------------------------------
+// amk.cuh: the primitives every amk-farm megakernel is built from. codegen pastes this file into
+// kernel.cu after the model's constexpr dims (B, THREADS, NWARPS, KC, ...), so it is generic over
+// them and holds nothing model-specific. Conventions:
+//   * weights and the KV cache are bf16, activations and accumulators fp32;
+//   * data another CTA wrote during this launch (activations, KV cache, tokens) is read with
+//     L1-bypassing loads (ld.global.cg); weights, which nothing writes, with __ldg;
+//   * every reduction has one fixed order (per-thread index order, xor butterflies, then warps
+//     0..NWARPS-1 in order through shared memory), so results are bitwise reproducible;
+//   * no floating-point atomics: the only atomics are the integer task counters.
+// ---------------------------------------------------------------------------------------------
+
+using bf16 = __nv_bfloat16;
+using bf16x8 = uint4;  // 8 bf16 = one 16-byte load
+using u64 = unsigned long long;
+using i64 = long long;
+using counter_ref = cuda::atomic_ref<u64, cuda::thread_scope_device>;
+
+static_assert(THREADS % 32 == 0 && NWARPS == THREADS / 32, "whole warps");
+
+__device__ __forceinline__ int warp_id() { return threadIdx.x / 32; }
+__device__ __forceinline__ int lane_id() { return threadIdx.x % 32; }
+
+// ---- loads -----------------------------------------------------------------------------------
+
+// 8 weights (read-only for the whole launch: the non-coherent path is safe)
+__device__ __forceinline__ bf16x8 ld_weight8(const bf16* p) {
+  return __ldg(reinterpret_cast<const bf16x8*>(p));
+}
+// 8 KV-cache elements, written by other CTAs during this launch: bypass L1
+__device__ __forceinline__ bf16x8 ld_cache8(const bf16* p) {
+  return __ldcg(reinterpret_cast<const bf16x8*>(p));
+}
+// 4 activations, written by other CTAs during this launch: bypass L1
+__device__ __forceinline__ float4 ld_act4(const float* p) {
+  return __ldcg(reinterpret_cast<const float4*>(p));
+}
+__device__ __forceinline__ float ld_act(const float* p) { return __ldcg(p); }
+
+// bf16 -> fp32 is exact: a bf16 is the high half of an fp32. Element 0 is the low half.
+__device__ __forceinline__ float bf16_lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+
+// f[0..8) = the 8 bf16 of w, in memory order
+__device__ __forceinline__ void unpack8(const bf16x8 w, float (&f)[8]) {
+  f[0] = bf16_lo(w.x); f[1] = bf16_hi(w.x); f[2] = bf16_lo(w.y); f[3] = bf16_hi(w.y);
+  f[4] = bf16_lo(w.z); f[5] = bf16_hi(w.z); f[6] = bf16_lo(w.w); f[7] = bf16_hi(w.w);
+}
+
+// acc + sum_i w[i] * x[i] over 8 elements, in index order (x: 16-byte aligned shared memory)
+__device__ __forceinline__ float dot8(const bf16x8 w, const float* x, float acc) {
+  const float4 x0 = *reinterpret_cast<const float4*>(x);
+  const float4 x1 = *reinterpret_cast<const float4*>(x + 4);
+  acc = fmaf(bf16_lo(w.x), x0.x, acc); acc = fmaf(bf16_hi(w.x), x0.y, acc);
+  acc = fmaf(bf16_lo(w.y), x0.z, acc); acc = fmaf(bf16_hi(w.y), x0.w, acc);
+  acc = fmaf(bf16_lo(w.z), x1.x, acc); acc = fmaf(bf16_hi(w.z), x1.y, acc);
+  acc = fmaf(bf16_lo(w.w), x1.z, acc); acc = fmaf(bf16_hi(w.w), x1.w, acc);
+  return acc;
+}
+
+// ---- fixed-order reductions ------------------------------------------------------------------
+
+// sum over the N-lane groups of a warp (N a power of two <= 32) by an xor butterfly; a + b is
+// commutative in IEEE arithmetic, so every lane of a group ends with the same bits
+template <int N = 32>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = N / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// sum over the CTA: warp butterflies, then warps 0..NWARPS-1 in order (scratch: NWARPS floats);
+// every thread returns the same value
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = group_sum(v);
+  if (lane_id() == 0) scratch[warp_id()] = v;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < NWARPS; ++w) s += scratch[w];
+  __syncthreads();
+  return s;
+}
+
+// (value, index) maximum with the first index on ties; NaN is never a maximum
+struct ArgMax {
+  float val;
+  i64 idx;
+};
+__device__ __forceinline__ ArgMax argmax_pick(ArgMax a, ArgMax b) {
+  return (b.val > a.val || (b.val == a.val && b.idx < a.idx)) ? b : a;
+}
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax a) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    ArgMax b{__shfl_xor_sync(0xffffffffu, a.val, o), __shfl_xor_sync(0xffffffffu, a.idx, o)};
+    a = argmax_pick(a, b);
+  }
+  return a;
+}
+
+// ---- online softmax state of one query head over some keys: (running max m, sum l, o[8]) ----
+
+// fold key score s with value slice v into (m, l, o): the rescale exponent m - m' is <= 0
+__device__ __forceinline__ void softmax_push(float& m, float& l, float (&o)[8], float s,
+                                             const float (&v)[8]) {
+  const float mn = fmaxf(m, s);
+  const float a = expf(m - mn);  // 0 while m is -inf
+  const float e = expf(s - mn);
+  l = l * a + e;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = o[i] * a + e * v[i];
+  m = mn;
+}
+
+// merge (m2, l2, o2) into (m, l, o); two empty states (m = -inf) stay empty
+__device__ __forceinline__ void softmax_merge(float& m, float& l, float (&o)[8], float m2, float l2,
+                                              const float (&o2)[8]) {
+  const float mn = fmaxf(m, m2);
+  const bool empty = mn == -INFINITY;
+  const float a = empty ? 0.f : expf(m - mn);
+  const float a2 = empty ? 0.f : expf(m2 - mn);
+  l = l * a + l2 * a2;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = o[i] * a + o2[i] * a2;
+  m = mn;
+}
+
+// ---- counters: acquire before a task, release after it ---------------------------------------
+
+struct Task {
+  unsigned short op;  // instruction kind (OP_*)
+  short layer;        // decoder layer, -1 outside the layers
+  unsigned short a, b, c;  // kind-specific params (schedule.py)
+  unsigned short nw;       // number of waits: WAITS[w0 .. w0 + nw)
+  int w0, signal;          // first wait; the counter this task increments when done
+};
+// counters[counter] >= (step + step_offset) * PER_STEP[counter] + count
+struct Wait {
+  int counter, count, step_offset;
+};
+
+// thread 0 spins with acquire loads (nanosleep backoff) until every wait of the task holds at
+// global step `step`, then the CTA goes on; targets <= 0 (step_offset -1 at step 0) hold at once
+__device__ __forceinline__ void wait_task(u64* counters, const Task& t, const Wait* waits,
+                                          const int* per_step, i64 step) {
+  if (threadIdx.x == 0) {
+    for (int i = t.w0; i < t.w0 + t.nw; ++i) {
+      const Wait w = waits[i];
+      const i64 target = (step + w.step_offset) * per_step[w.counter] + w.count;
+      counter_ref c(counters[w.counter]);
+      for (unsigned ns = 32; static_cast<i64>(c.load(cuda::memory_order_acquire)) < target;
+           ns = ns < 1024 ? 2 * ns : 1024)
+        __nanosleep(ns);
+    }
+  }
+  __syncthreads();
+}
+
+// all threads' writes are done (barrier), then thread 0 publishes them with a release increment
+__device__ __forceinline__ void signal_task(u64* counters, const Task& t) {
+  __syncthreads();
+  if (threadIdx.x == 0) counter_ref(counters[t.signal]).fetch_add(1, cuda::memory_order_release);
+}
+
+// ---- staged matvec: part[v][b] = W_v . xin[b] over K columns ---------------------------------
+// Shared memory: xs [B][KC] staged inputs | part [MAX_VROWS][B] outputs | scratch [NWARPS] |
+// rstd [B]. xin = src, or RMSNorm(src) * norm_w when norm_w is given.
+
+constexpr int XS_FLOATS = B * KC;
+constexpr int PART_FLOATS = MAX_VROWS * B;
+static_assert(KC % 8 == 0, "staged chunks hold whole 8-element groups");
+
+// rstd[b] = rsqrt(mean(src[b]^2) + eps) over the whole row of K, in a fixed order
+template <int K>
+__device__ __forceinline__ void rms_rstd(const float* src, float* rstd, float* scratch) {
+  static_assert(K % 4 == 0, "float4 rows");
+  for (int b = 0; b < B; ++b) {
+    float s = 0.f;
+    for (int k = threadIdx.x * 4; k < K; k += THREADS * 4) {
+      const float4 v = ld_act4(src + static_cast<size_t>(b) * K + k);
+      s = fmaf(v.x, v.x, s); s = fmaf(v.y, v.y, s); s = fmaf(v.z, v.z, s); s = fmaf(v.w, v.w, s);
+    }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) rstd[b] = rsqrtf(s / K + EPS);
+  }
+  __syncthreads();
+}
+
+// xs[b][0:n] = xin[b][k0:k0+n] (src rows of stride ld)
+__device__ __forceinline__ void stage(float* xs, int ldx, const float* src, int ld, int k0, int n,
+                                      const float* rstd, const bf16* norm_w) {
+  const int n4 = n / 4;
+  for (int i = threadIdx.x; i < B * n4; i += THREADS) {
+    const int b = i / n4, k = 4 * (i % n4);
+    float4 v = ld_act4(src + static_cast<size_t>(b) * ld + k0 + k);
+    if (norm_w != nullptr) {
+      const uint2 w = __ldg(reinterpret_cast<const uint2*>(norm_w + k0 + k));
+      const float r = rstd[b];
+      v.x = v.x * r * bf16_lo(w.x); v.y = v.y * r * bf16_hi(w.x);
+      v.z = v.z * r * bf16_lo(w.y); v.w = v.w * r * bf16_hi(w.y);
+    }
+    *reinterpret_cast<float4*>(xs + b * ldx + k) = v;
+  }
+}
+
+// part[v][b] (+)= row(v)[k0 : k0+n] . xs[b][0:n] for rows v of this warp: lanes stride over the
+// columns 8 at a time, one fp32 partial per batch row, then a butterfly; every row of W is read
+// once for all B batch rows
+template <class Row>
+__device__ __forceinline__ void matvec_chunk(Row row, int nrows, int k0, const float* xs, int ldx,
+                                             int n, float* part, bool accumulate) {
+  for (int v = warp_id(); v < nrows; v += NWARPS) {
+    const bf16* w = row(v) + k0;
+    float acc[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[b] = 0.f;
+#pragma unroll 4
+    for (int k = lane_id() * 8; k < n; k += 32 * 8) {
+      const bf16x8 w8 = ld_weight8(w + k);
+#pragma unroll
+      for (int b = 0; b < B; ++b) acc[b] = dot8(w8, xs + b * ldx + k, acc[b]);
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const float s = group_sum(acc[b]);
+      if (lane_id() == 0) part[v * B + b] = accumulate ? part[v * B + b] + s : s;
+    }
+  }
+}
+
+// part[v][b] = row(v)[0:K] . xin[b][0:K] for v < nrows, staging KC columns at a time; returns
+// with part complete and visible to the whole CTA
+template <int K, class Row>
+__device__ __forceinline__ void matvec(Row row, int nrows, const float* src, int ld,
+                                       const bf16* norm_w, float* smem) {
+  static_assert(K % 8 == 0, "rows of whole 16-byte groups");
+  constexpr int CHUNK = K < KC ? K : KC;
+  float* xs = smem;
+  float* part = smem + XS_FLOATS;
+  float* scratch = part + PART_FLOATS;
+  float* rstd = scratch + NWARPS;
+  if (norm_w != nullptr) rms_rstd<K>(src, rstd, scratch);
+  for (int k0 = 0; k0 < K; k0 += CHUNK) {
+    const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+    stage(xs, CHUNK, src, ld, k0, n, rstd, norm_w);
+    __syncthreads();
+    matvec_chunk(row, nrows, k0, xs, CHUNK, n, part, k0 > 0);
+    __syncthreads();
+  }
+}
+
+// ---- split-KV attention of one KV-head group over a key range ---------------------------------
+// A key is held by LPK = D/8 lanes (8 elements each: one 16-byte load of K and of V), so a warp
+// takes KPW = 32/LPK keys per step; every key slot keeps an online-softmax state per query head.
+
+constexpr int LPK = D / 8;     // lanes per key
+constexpr int KPW = 32 / LPK;  // keys per warp step
+static_assert(D % 8 == 0 && LPK <= 32 && 32 % LPK == 0, "a key spans a power-of-two lane group");
+
+// fold keys j in [j0, j1) (slot `lane / LPK` of warp w takes j0 + w*KPW + slot, then every
+// NWARPS*KPW) into (m, l, o) of the G heads in qs [G][D]; kc, vc: [S][D] rows of one KV head
+__device__ __forceinline__ void attn_keys(const float* qs, const bf16* kc, const bf16* vc, int j0,
+                                          int j1, float (&m)[G], float (&l)[G], float (&o)[G][8]) {
+  const int slot = lane_id() / LPK, e0 = (lane_id() % LPK) * 8;
+  const bf16x8 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    m[h] = -INFINITY, l[h] = 0.f;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) o[h][x] = 0.f;
+  }
+  // the loop is warp-uniform (the butterflies need every lane); a slot past j1 is masked
+  int j = j0 + warp_id() * KPW + slot;
+  bf16x8 kn = j < j1 ? ld_cache8(kc + static_cast<size_t>(j) * D + e0) : zero;
+  bf16x8 vn = j < j1 ? ld_cache8(vc + static_cast<size_t>(j) * D + e0) : zero;
+  for (int jb = j0 + warp_id() * KPW; jb < j1; jb += NWARPS * KPW) {
+    const bool live = jb + slot < j1;
+    const bf16x8 k = kn;
+    float v[8];
+    unpack8(vn, v);
+    j = jb + NWARPS * KPW + slot;  // prefetch the next step's key and value
+    kn = j < j1 ? ld_cache8(kc + static_cast<size_t>(j) * D + e0) : zero;
+    vn = j < j1 ? ld_cache8(vc + static_cast<size_t>(j) * D + e0) : zero;
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      const float s = group_sum<LPK>(dot8(k, qs + h * D + e0, 0.f)) * SM_SCALE;  // q.k / sqrt(D)
+      if (live) softmax_push(m[h], l[h], o[h], s, v);
+    }
+  }
+}
+
+// merge the KPW key slots of the warp (xor over the slot bits of the lane); slot 0 keeps the result
+__device__ __forceinline__ void attn_merge_slots(float (&m)[G], float (&l)[G], float (&o)[G][8]) {
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+#pragma unroll
+    for (int off = LPK; off < 32; off *= 2) {
+      float o2[8];
+#pragma unroll
+      for (int x = 0; x < 8; ++x) o2[x] = __shfl_xor_sync(0xffffffffu, o[h][x], off);
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[h], off);
+      softmax_merge(m[h], l[h], o[h], m2, l2, o2);
+    }
+  }
+}
+
+// merge one head's per-warp states (slot 0 of each warp) over warps 0..NWARPS-1 in order and store
+// o [D], m, l; ws: NWARPS * (D + 2) floats of shared memory
+__device__ __forceinline__ void attn_merge_warps(float* ws, float m, float l, const float (&o)[8],
+                                                 float* o_out, float* m_out, float* l_out) {
+  float* mine = ws + warp_id() * (D + 2);
+  if (lane_id() < LPK) {
+#pragma unroll
+    for (int x = 0; x < 8; ++x) mine[lane_id() * 8 + x] = o[x];
+    if (lane_id() == 0) mine[D] = m, mine[D + 1] = l;
+  }
+  __syncthreads();
+  for (int el = threadIdx.x; el < D; el += THREADS) {
+    float mx = -INFINITY, od = 0.f, ld = 0.f;
+    for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, ws[w * (D + 2) + D]);
+    if (mx != -INFINITY) {  // else no key at all: (m, l, o) = (-inf, 0, 0)
+      for (int w = 0; w < NWARPS; ++w) {
+        const float a = expf(ws[w * (D + 2) + D] - mx);
+        od += a * ws[w * (D + 2) + el];
+        ld += a * ws[w * (D + 2) + D + 1];
+      }
+    }
+    o_out[el] = od;
+    if (el == 0) *m_out = mx, *l_out = ld;
+  }
+  __syncthreads();
+}
