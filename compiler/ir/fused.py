@@ -54,11 +54,10 @@ Instruction kinds, with their `inputs` and `outputs` in this exact order (l = la
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from compiler.ir import jsonform
 from compiler.ir.graph import AttrValue, IRError, Shape, decode_attr, encode_attr, freeze_attr
 from compiler.ir.ops import DType
 
@@ -196,21 +195,14 @@ class FusedGraph:
             raise IRError(f"bad fused graph: {e}") from None
 
     def canonical(self) -> bytes:
-        return json.dumps(
-            self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False
-        ).encode()
+        return jsonform.canonical(self.to_json())
 
     def digest(self) -> str:
-        return hashlib.sha256(self.canonical()).hexdigest()
+        return jsonform.digest(self.to_json())
 
     def dumps(self) -> str:
-        d = self.to_json()
-        instrs = ",\n  ".join(json.dumps(i, sort_keys=True) for i in d.pop("instrs"))
-        return json.dumps(d, sort_keys=True)[:-1] + f', "instrs": [\n  {instrs}\n]}}\n'
+        return jsonform.readable(self.to_json(), ("instrs",))
 
     @classmethod
     def loads(cls, text: str) -> FusedGraph:
-        try:
-            return cls.from_json(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise IRError(f"fused graph file is not JSON: {e}") from None
+        return cls.from_json(jsonform.parse(text, "fused graph"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -135,9 +134,9 @@ class Graph:
 
     def canonical(self) -> bytes:
         """Canonical serialization: sorted keys, no whitespace, strict JSON."""
-        return json.dumps(
-            self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False
-        ).encode()
+        from compiler.ir import jsonform
+
+        return jsonform.canonical(self.to_json())
 
     def digest(self) -> str:
         """sha256 of the canonical form: the model hash of a weight-free graph."""
@@ -145,18 +144,15 @@ class Graph:
 
     def dumps(self) -> str:
         """Readable JSON for files: one node per line, same content as `canonical`."""
-        d = self.to_json()
-        lines = [json.dumps(n, sort_keys=True, allow_nan=False) for n in d["nodes"]]
-        head = {k: v for k, v in d.items() if k != "nodes"}
-        body = ",\n  ".join(lines)
-        return json.dumps(head, sort_keys=True)[:-1] + f', "nodes": [\n  {body}\n]}}\n'
+        from compiler.ir import jsonform
+
+        return jsonform.readable(self.to_json(), ("nodes",))
 
     @classmethod
     def loads(cls, text: str) -> Graph:
-        try:
-            return cls.from_json(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise IRError(f"graph file is not JSON: {e}") from None
+        from compiler.ir import jsonform
+
+        return cls.from_json(jsonform.parse(text, "graph"))
 
     def live(self) -> set[int]:
         """Indices of the nodes some output depends on."""

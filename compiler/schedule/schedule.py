@@ -34,6 +34,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from compiler.ir import jsonform
 from compiler.ir.fused import Kind
 from compiler.ir.graph import IRError
 from compiler.spec import ShapeTemplate
@@ -162,24 +163,15 @@ class Schedule:
             raise IRError(f"bad schedule: {e}") from None
 
     def canonical(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        return jsonform.canonical(self.to_json())
 
     def digest(self) -> str:
-        return hashlib.sha256(self.canonical()).hexdigest()
+        return jsonform.digest(self.to_json())
 
     def dumps(self) -> str:
         """One task per line, so a schedule can be read, diffed and hand-edited."""
-        d = self.to_json()
-        tasks = ",\n  ".join(json.dumps(t) for t in d.pop("tasks"))
-        queues = ",\n  ".join(json.dumps(q) for q in d.pop("queues"))
-        return (
-            json.dumps(d, sort_keys=True)[:-1]
-            + f', "tasks": [\n  {tasks}\n], "queues": [\n  {queues}\n]}}\n'
-        )
+        return jsonform.readable(self.to_json(), ("tasks", "queues"))
 
     @classmethod
     def loads(cls, text: str) -> Schedule:
-        try:
-            return cls.from_json(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise IRError(f"schedule file is not JSON: {e}") from None
+        return cls.from_json(jsonform.parse(text, "schedule"))
