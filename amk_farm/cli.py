@@ -40,8 +40,10 @@ def _user_errors(fn: F) -> F:
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         from compiler.artifact import ArtifactError
+        from compiler.codegen.nvcc import NvccError
         from compiler.frontend.checkpoint import CheckpointError
         from compiler.ir.graph import IRError
+        from compiler.runtime.errors import LaunchError, RuntimeUnavailable
         from compiler.spec import SpecError
 
         try:
@@ -54,6 +56,9 @@ def _user_errors(fn: F) -> F:
             IRError,
             CheckpointError,
             ArtifactError,
+            RuntimeUnavailable,
+            LaunchError,
+            NvccError,
             ValueError,
             OSError,
         ) as e:  # all user-facing
@@ -348,6 +353,189 @@ def compile_(
     )
     print(f"model hash  {manifest.model_hash}")
     print("stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in st.timings.items()))
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def _weights_source(weights: Path | None, synthetic: bool) -> None:
+    if (weights is None) == (not synthetic):
+        raise ValueError("give exactly one of --weights DIR or --synthetic")
+
+
+@app.command()
+@_user_errors
+def generate(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (amk-farm compile).")],
+    prompt_ids: Annotated[
+        str, typer.Option("--prompt-ids", help="Prompt token ids, comma-separated: 1,2,3.")
+    ],
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="HF safetensors checkpoint directory.")
+    ] = None,
+    synthetic: Annotated[
+        bool, typer.Option("--synthetic", help="Use seeded synthetic weights.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic weights.")] = 0,
+    tokens: Annotated[
+        int, typer.Option("--tokens", help="New tokens per sequence (the first from the prefill).")
+    ] = 32,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch", help="Sequences (the artifact's batch; the prompt is repeated)."),
+    ] = None,
+    per_launch: Annotated[
+        int, typer.Option("--per-launch", help="Decode steps per kernel launch.")
+    ] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Greedy-decode TOKENS tokens with the artifact's megakernel on a GPU.
+
+    The prompt runs through the PyTorch reference (bf16, same weights), whose caches and first
+    token are handed to the kernel; the remaining TOKENS-1 tokens are kernel decode steps.
+    """
+    from compiler.artifact import read_manifest
+    from compiler.runtime.session import Session
+    from compiler.spec import ShapeTemplate
+
+    _weights_source(weights, synthetic)
+    ids = _prompt_ids(prompt_ids)
+    if tokens < 1 or per_launch < 1:
+        raise ValueError("--tokens and --per-launch must be positive")
+    b = ShapeTemplate.parse(read_manifest(artifact).template).batch
+    if batch is not None and batch != b:
+        raise ValueError(f"the artifact is compiled for batch {b}, not {batch}")
+    _progress(f"loading {artifact}")
+    s = Session(artifact, weights=weights, synthetic_seed=None if weights else seed)
+    _progress("prefill")
+    first = s.prefill([ids] * b)
+    out = [[t] for t in first.tolist()]
+    seconds = None
+    if tokens > 1:
+        _progress(f"decoding {tokens - 1} steps")
+        toks = s.decode(tokens - 1, tokens_per_launch=per_launch)
+        seconds = s.last_decode_seconds
+        for row, seq in zip(toks.T.tolist(), out, strict=True):
+            seq += row
+    _progress("")
+    rate = b * (tokens - 1) / seconds if seconds else None
+    summary = {
+        "artifact": str(artifact),
+        "model": s.spec.name,
+        "device": _device_name(s.device),
+        "batch": b,
+        "prompt_ids": ids,
+        "tokens": out,
+        "kernel_steps": tokens - 1,
+        "per_launch": per_launch,
+        "seconds": seconds,
+        "tokens_per_s": rate,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    for seq in out:
+        print(" ".join(str(t) for t in seq))
+    if rate is not None and seconds is not None:
+        print(
+            f"{tokens - 1} kernel steps x {b} sequences in {seconds * 1e3:.1f} ms: "
+            f"{rate:.1f} tokens/s ({per_launch} per launch, {summary['device']})"
+        )
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+@app.command()
+@_user_errors
+def bench(
+    target: Annotated[
+        str, typer.Argument(help="Artifact directory, or a model to compile first (b1-s4096).")
+    ],
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="HF checkpoint directory (default: synthetic weights)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic weights.")] = 0,
+    kv: Annotated[str, typer.Option("--kv", help="KV lengths to time, comma-separated.")] = (
+        "128,2048"
+    ),
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps (median; >= 100).")] = 100,
+    per_launch: Annotated[
+        int, typer.Option("--per-launch", help="Steps per launch of the multi-token timing.")
+    ] = 32,
+    batch16: Annotated[
+        str | None,
+        typer.Option(
+            "--batch16",
+            help="Also time batch 16: an artifact directory, or a template to compile (b16-s1024).",
+        ),
+    ] = None,
+    no_compile: Annotated[
+        bool, typer.Option("--no-compile", help="Skip the torch.compile baseline.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decode latency of the megakernel, side by side with PyTorch eager and torch.compile."""
+    from compiler.runtime.bench import report, run_bench
+
+    try:
+        kv_lens = tuple(int(x) for x in kv.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--kv must be comma-separated integers, got {kv!r}") from None
+    with tempfile.TemporaryDirectory(prefix="amk-bench-") as tmp:
+        artifact = _artifact_or_compile(target, "b1-s4096", Path(tmp) / "b1")
+        b16 = None
+        if batch16 is not None:
+            b16 = str(_artifact_or_compile(batch16, None, Path(tmp) / "b16", model=target))
+        result = run_bench(
+            str(artifact),
+            weights=str(weights) if weights else None,
+            seed=seed,
+            kv_lens=kv_lens,
+            reps=steps,
+            multi=per_launch,
+            batch16=b16,
+            compiled=not no_compile,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(report(result))
+
+
+def _artifact_or_compile(
+    target: str, template: str | None, out: Path, model: str | None = None
+) -> Path:
+    """`target` if it is an artifact directory, else compile it (a model, or for `--batch16` a
+    template of `model`) into `out` for sm_90a."""
+    from compiler.pipeline import compile_model
+    from compiler.spec import ShapeTemplate
+
+    path = Path(target)
+    if (path / "manifest.json").is_file():
+        return path
+    if template is None:  # --batch16 TEMPLATE of the benchmarked model
+        template, target = target, model or target
+        if (Path(target) / "manifest.json").is_file():
+            from compiler.artifact import read_manifest
+
+            target = read_manifest(Path(target)).model
+    spec = catalog.resolve(target)
+    print(f"compiling {spec.name} {template} for sm_90a into {out}", file=sys.stderr)
+    compile_model(spec, ShapeTemplate.parse(template), "sm_90a", out)
+    return out
 
 
 def main() -> None:

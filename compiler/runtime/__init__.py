@@ -8,6 +8,10 @@
                 through the PyTorch reference, then `decode(n)` on the kernel
     bench.py    batch-1 decode latency and batch-16 throughput, side by side with torch eager
                 and `torch.compile(mode="reduce-overhead")` in the same process
+    check.py    greedy tokens against the bf16 reference, logits against a float32 one
+    smoke.py    the script run on the lent GPU (`python -m compiler.runtime.smoke ...`)
+    errors.py   RuntimeUnavailable, LaunchError (importable without torch or CuPy)
+    NOTES.md    each kernel version's prediction and measurement, with the card
 
 Nothing here is imported by the compile pipeline: CuPy and a GPU are needed only when a
 `Session` is opened on a CUDA device.

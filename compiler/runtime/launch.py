@@ -23,7 +23,10 @@ import torch
 from torch import Tensor
 
 from compiler.ir.fused import FusedGraph
+from compiler.runtime.errors import LaunchError, RuntimeUnavailable
 from compiler.schedule.schedule import Schedule
+
+__all__ = ["CpuLauncher", "CudaLauncher", "LaunchError", "RuntimeUnavailable", "pack_params"]
 
 KERNEL_NAME = "amk_megakernel"
 POINTER_ALIGN = 16
@@ -52,18 +55,6 @@ CURESULT_NAMES = {
     720: "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
     999: "CUDA_ERROR_UNKNOWN",
 }
-
-
-class RuntimeUnavailable(RuntimeError):
-    """No GPU runtime here: CuPy, the CUDA driver or a CUDA device is missing."""
-
-
-class LaunchError(RuntimeError):
-    """A CUDA driver call failed; the message names the call and its CUresult."""
-
-    def __init__(self, call: str, code: int, name: str):
-        super().__init__(f"{call} failed: {name} ({code})")
-        self.call, self.code, self.name = call, code, name
 
 
 def pack_params(layout: Mapping[str, Any], pointers: Mapping[str, int]) -> bytes:
@@ -171,7 +162,8 @@ class CudaLauncher:
             self.function = self.module.get_function(KERNEL_NAME)
         except cupy.cuda.driver.CUDADriverError as e:  # e.g. CUDA_ERROR_NO_BINARY_FOR_GPU
             raise LaunchError(f"loading {cubin.name}", -1, str(e)) from None
-        self.handle = ctypes.c_void_p(int(self.function.ptr))
+        self.handle = ctypes.c_void_p(self._handle(cubin))
+        self._packed: tuple[tuple[tuple[str, int], ...], bytes] = ((), b"")
         per_sm = ctypes.c_int()
         self.drv.check(
             "cuOccupancyMaxActiveBlocksPerMultiprocessor",
@@ -188,6 +180,27 @@ class CudaLauncher:
                 "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
             )
 
+    def _handle(self, cubin: Path) -> int:
+        """The CUfunction of the kernel: CuPy's `RawKernel.kernel.ptr` (CuPy 13/14) or, where
+        CuPy does not expose it, the driver's own cuModuleLoad of the same cubin."""
+        for path in (("kernel", "ptr"), ("ptr",)):
+            obj: Any = self.function
+            try:
+                for attr in path:
+                    obj = getattr(obj, attr)
+                return int(obj)
+            except AttributeError:
+                continue
+        mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+        lib = self.drv.lib
+        self.drv.check("cuModuleLoad", lib.cuModuleLoad(ctypes.byref(mod), str(cubin).encode()))
+        self.drv.check(
+            "cuModuleGetFunction",
+            lib.cuModuleGetFunction(ctypes.byref(fn), mod, KERNEL_NAME.encode()),
+        )
+        assert fn.value is not None
+        return fn.value
+
     def launch(
         self,
         tensors: Mapping[str, Tensor],
@@ -199,9 +212,16 @@ class CudaLauncher:
         """Enqueue one launch of `steps` steps; tokens land in `tokens_out` [steps, B]."""
         pointers = {n: t.data_ptr() for n, t in tensors.items()}
         pointers["tokens_out"] = tokens_out.data_ptr()
-        blob = pack_params(self.layout, pointers)
+        key = tuple(sorted(pointers.items()))
+        if key != self._packed[0]:  # the session's tensors rarely move: pack once
+            self._packed = (key, pack_params(self.layout, pointers))
+        blob = self._packed[1]
         pbuf = ctypes.create_string_buffer(blob, len(blob))
-        a_steps, a_pos0, a_step0 = ctypes.c_int(steps), ctypes.c_int(pos0), ctypes.c_ulonglong(step0)
+        a_steps, a_pos0, a_step0 = (
+            ctypes.c_int(steps),
+            ctypes.c_int(pos0),
+            ctypes.c_ulonglong(step0),
+        )
         args = (ctypes.c_void_p * 4)(
             ctypes.addressof(pbuf),
             ctypes.addressof(a_steps),
@@ -244,9 +264,7 @@ class CpuLauncher:
         from compiler.schedule.interpret import interpret
 
         weights = {self.binds[n]: tensors[n].double() for n in self.weights}
-        caches = {
-            self.binds[n]: t.double() for n, t in tensors.items() if n.endswith("_cache")
-        }
+        caches = {self.binds[n]: t.double() for n, t in tensors.items() if n.endswith("_cache")}
         r = interpret(
             self.schedule,
             self.fused,

@@ -1,0 +1,99 @@
+"""Numerical checks of a Session against the PyTorch reference (used by tests and on the GPU).
+
+* `greedy_check`: prefill + n kernel steps against `compiler.reference.generate` in bf16 with
+  the same weights: are the greedy tokens identical? At the first difference, how close to a
+  tie was the reference's choice (a flipped near-tie is rounding, a clear winner lost is a bug)?
+* `float32_check`: each kernel step's logits against a float32 `Reference` teacher-forced on
+  the kernel's own tokens and starting from the kernel's caches, so only the decode steps are
+  compared (the kernel keeps a bf16 KV cache and bf16 weights, fp32 activations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from compiler.reference import Reference, generate
+from compiler.runtime.session import Session
+
+
+@dataclass(frozen=True)
+class GreedyCheck:
+    """Kernel vs bf16 reference over the prefill's token and n kernel steps."""
+
+    kernel: list[list[int]]  # [B, n + 1]: the prefill's token, then the kernel's
+    reference: list[list[int]]  # [B, n + 1]
+    first_mismatch: tuple[int, int] | None  # (token index, batch row)
+    ref_margin: float | None  # reference's (top1 - top2) / |top1| at the first mismatch
+    logits_rel_err: float  # last step, kernel vs bf16 reference (if the tokens agree)
+
+    @property
+    def identical(self) -> bool:
+        return self.first_mismatch is None
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def greedy_check(
+    session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int, tokens_per_launch: int = 1
+) -> GreedyCheck:
+    """Greedy tokens of the kernel against `generate` on the session's bf16 Reference."""
+    p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
+    first = session.prefill(p)
+    toks = session.decode(n, tokens_per_launch)  # [n, B]
+    kernel = torch.cat([first[None], toks]).T.cpu()  # [B, n + 1]
+    ref_tokens, ref_logits = generate(session.model, p, n + 1)
+    ref = ref_tokens.cpu()
+    bad = (kernel != ref).nonzero()
+    mismatch, margin = None, None
+    if len(bad):
+        i = int(bad[:, 1].min())
+        b = int(bad[bad[:, 1] == i][0, 0])
+        mismatch = (i, b)
+        top = ref_logits[i][b].float().topk(2).values
+        margin = float((top[0] - top[1]) / top[0].abs().clamp(min=1e-6))
+    return GreedyCheck(
+        kernel=kernel.tolist(),
+        reference=ref.tolist(),
+        first_mismatch=mismatch,
+        ref_margin=margin,
+        logits_rel_err=_rel(session.logits, ref_logits[n].float()),
+    )
+
+
+@torch.no_grad()
+def float32_check(
+    session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int
+) -> list[float]:
+    """Relative error of each of n kernel steps' logits against a float32 reference.
+
+    The float32 Reference holds the session's (bf16-valued) weights, starts from the caches the
+    prefill left in the kernel, and embeds the kernel's own token at every step.
+    """
+    spec = session.spec
+    p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
+    session.prefill(p)
+    # meta first (no init), then storage; weights copied one at a time (no second full copy)
+    ref32 = Reference(spec, session.max_seq, dtype=torch.float32, device="meta")
+    ref32 = ref32.to_empty(device=session.device)
+    ref32.inv_freq = session.model.inv_freq.clone()
+    src = dict(session.model.named_parameters())
+    for name, p32 in ref32.named_parameters():
+        p32.copy_(src[name])
+    kc, vc = session.caches()
+    ks, vs = [c.float() for c in kc], [c.float() for c in vc]
+    errs = []
+    for _ in range(n):
+        token, pos = session.tensors["token"].clone(), session.pos
+        assert pos is not None
+        session.decode(1)
+        logits, ks, vs = ref32(token[:, None], torch.tensor(pos, device=session.device), ks, vs)
+        errs.append(_rel(session.logits, logits[:, 0]))
+    return errs
