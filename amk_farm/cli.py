@@ -247,7 +247,7 @@ def graph(
         print(f"written     {output}")
 
 
-def _options(pairs: list[str], sm_count: int | None) -> Any:
+def _options(pairs: list[str], sm_count: int | None, arch: str) -> Any:
     import dataclasses
 
     from compiler.schedule.schedule import Options
@@ -263,7 +263,7 @@ def _options(pairs: list[str], sm_count: int | None) -> Any:
         values[key] = value if key == "policy" else _int(value, key)
     if sm_count is not None:
         values["sm_count"] = sm_count
-    return Options(**values)
+    return Options.for_arch(arch, **values)
 
 
 def _int(text: str, key: str) -> int:
@@ -311,7 +311,7 @@ def compile_(
 
     spec = catalog.resolve(model)
     shape = ShapeTemplate.parse(template)
-    opts = _options(option or [], sm_count)
+    opts = _options(option or [], sm_count, arch)
     ckpt = None
     if weights is not None:
         from compiler.frontend.checkpoint import Checkpoint, checkpoint_digest

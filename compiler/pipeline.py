@@ -164,7 +164,7 @@ def compile_model(
     """
     if arch not in ARCHS:
         raise IRError(f"unsupported arch {arch!r} (supported: {', '.join(ARCHS)})")
-    st = State(spec, template, arch, options or Options(), **(start or {}))
+    st = State(spec, template, arch, options or Options.for_arch(arch), **(start or {}))
     writer = ArtifactWriter(out_dir)
     try:
         for name, stage in STAGES:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from amk_farm import catalog
-from compiler.codegen.dims import CodegenError, kernel_dims
+from compiler.codegen.dims import WORK_BYTES, CodegenError, kernel_dims
 from compiler.codegen.emit import Emitter
 from compiler.codegen.kernel import render_kernel
 from compiler.codegen.nvcc import NvccError, NvccMissing, compile_cubin, gencode, parse_ptxas
@@ -107,7 +107,7 @@ def test_exactly_one_global_function(tiny):
     code = strip_comments(tiny[2])
     assert len(re.findall(r"\b__global__\b", code)) == 1
     assert re.search(
-        r'extern "C" __global__ void __launch_bounds__\(THREADS, 1\)\s*amk_megakernel\(', code
+        r'extern "C" __global__ void __launch_bounds__\(BLOCK_THREADS, 1\)\s*amk_megakernel\(', code
     )
     assert (
         "const __grid_constant__ Params p, const int steps, const int pos0, const unsigned long long step0"
@@ -257,7 +257,18 @@ def test_smem_plan_fits_and_chunks_for_large_batches():
     d1 = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(1, 4096), Options()))
     assert d1.kc == 4096  # one chunk: x staged whole
     d16 = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), Options()))
-    assert d16.kc < 4096 and d16.kc % 8 == 0 and d16.smem_floats * 4 <= 48 * 1024
+    assert d16.kc < 4096 and d16.kc % 8 == 0 and d16.smem_floats * 4 <= WORK_BYTES
+    # the default plan (ring of 4 x 32 KiB + work area) fits an A100's 163 KiB per block
+    assert d1.smem_bytes <= 163 * 1024 and d16.smem_bytes <= 163 * 1024
+    assert d1.block_threads == Options().threads + 32  # consumers + the producer warp
+
+
+def test_smem_plan_refuses_rings_that_do_not_fit():
+    fg = layout(catalog.resolve("llama-2-7b"))
+    with pytest.raises(CodegenError, match="exceeds"):
+        kernel_dims(fg, chain_schedule(fg, ShapeTemplate(1, 4096), Options(stages=8)))
+    with pytest.raises(CodegenError, match="multiple of 16"):
+        kernel_dims(fg, chain_schedule(fg, ShapeTemplate(1, 4096), Options(stage_bytes=1000)))
 
 
 def test_emitter_blocks_and_comments():
@@ -326,7 +337,8 @@ def check_compiled(results, d) -> None:
         assert r.entry is not None and r.entry.name == "amk_megakernel"
         assert r.spills == 0 and r.entry.spill_stores == 0
         assert 0 < r.entry.registers <= 255
-        assert r.entry.smem == d.smem_floats * 4
+        assert r.entry.smem == 0  # all of the plan is dynamic shared memory (d.smem_bytes)
+        assert d.smem_bytes > d.stages * d.stage_bytes
 
 
 @needs_nvcc

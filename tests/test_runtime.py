@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 from amk_farm import catalog
 from amk_farm.cli import app
 from compiler.artifact import read_manifest
+from compiler.codegen.dims import kernel_dims
 from compiler.codegen.params import params_layout
 from compiler.pipeline import compile_model
-from compiler.reference import Reference
+from compiler.reference import Reference, generate
 from compiler.runtime.bench import StaticCacheStep
-from compiler.runtime.check import float32_check, greedy_check
+from compiler.runtime.check import clear_prompt, float32_check, greedy_check, margin
 from compiler.runtime.launch import pack_params
 from compiler.runtime.session import Session
 from compiler.spec import ShapeTemplate
@@ -122,6 +123,20 @@ def test_cpu_session_logits_match_float32_reference(artifacts):
     errs = float32_check(s, PROMPTS[:1], 4)
     assert errs[0] < 1e-5  # first step: the same caches, the interpreter is float64
     assert max(errs) < FLOAT32_REL_TOL
+
+
+def test_margin_is_the_closest_call_over_the_rows():
+    logits = torch.tensor([[1.0, 4.0, 2.0], [10.0, 9.9, -1.0]])
+    assert margin(logits) == pytest.approx(0.1 / 10.0, rel=1e-5)  # float32 logits
+    assert margin(torch.tensor([[3.0, 3.0]])) == 0.0  # an exact tie
+
+
+def test_clear_prompt_has_no_near_tie_in_the_reference(artifacts):
+    s = Session(artifacts[4], synthetic_seed=0, device="cpu")
+    prompt, seed, clear = clear_prompt(s, 8, 6, min_margin=1e-3)
+    assert prompt.shape == (4, 8) and 0 <= seed < 16
+    _, logits = generate(s.model, prompt, 7)
+    assert clear == min(margin(x) for x in logits[:7]) >= 1e-3
 
 
 def test_session_refuses_bad_prompts_and_decode_before_prefill(artifacts):
@@ -253,6 +268,10 @@ def test_gpu_launch_errors_name_the_curesult(artifacts):
 
     _needs_cubin(artifacts[1])
     s = Session(artifacts[1], synthetic_seed=0)
+    d = kernel_dims(s.fused, s.schedule)
+    cubin = artifacts[1] / "kernel.sm_90a.cubin"
     too_many = 64 * torch.cuda.get_device_properties(0).multi_processor_count
     with pytest.raises(LaunchError, match="CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE"):
-        CudaLauncher(artifacts[1] / "kernel.sm_90a.cubin", s.layout, too_many, 256, 0)
+        CudaLauncher(cubin, s.layout, too_many, d.block_threads, d.smem_bytes, 0)
+    with pytest.raises(LaunchError, match="shared memory per CTA exceed"):
+        CudaLauncher(cubin, s.layout, d.sm_count, d.block_threads, 1 << 20, 0)

@@ -130,3 +130,35 @@ def test_sliding_window_and_arch_change_the_hash(graphs):
     assert graphs["tiny-mistral"].digest() != graphs["tiny-llama"].digest()
     wider = dataclasses.replace(mistral, sliding_window=32)
     assert graph_from_spec(wider).digest() != graphs["tiny-mistral"].digest()
+
+
+def test_export_falls_back_to_auto_dims_where_torch_cannot_prove_a_guard(graphs, monkeypatch):
+    """torch 2.11 refuses the named dims with 'Constraints violated (S)' on a guard that holds
+    for every size; the frontend then exports with Dim.AUTO and must build the same graph."""
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.export import Dim
+
+    real = torch.export.export
+    refused = []
+
+    def picky(mod, args, dynamic_shapes=None, strict=False):
+        if any(isinstance(v, Dim) for d in dynamic_shapes if d for v in d.values()):
+            refused.append(type(mod).__name__)
+            raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (S)!")
+        return real(mod, args, dynamic_shapes=dynamic_shapes, strict=strict)
+
+    monkeypatch.setattr(torch.export, "export", picky)
+    g = graph_from_spec(catalog.resolve("tiny-llama"))
+    assert len(refused) == 3  # prologue, the decoder layer, epilogue
+    assert g.digest() == graphs["tiny-llama"].digest()
+
+
+def test_export_errors_other_than_unprovable_guards_are_not_retried(monkeypatch):
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    def broken(mod, args, dynamic_shapes=None, strict=False):
+        raise UserError(UserErrorType.INVALID_INPUT, "something else")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    with pytest.raises(UserError, match="something else"):
+        graph_from_spec(catalog.resolve("tiny-llama"))

@@ -7,7 +7,11 @@
 //     L1-bypassing loads (ld.global.cg); weights, which nothing writes, with __ldg;
 //   * every reduction has one fixed order (per-thread index order, xor butterflies, then warps
 //     0..NWARPS-1 in order through shared memory), so results are bitwise reproducible;
-//   * no floating-point atomics: the only atomics are the integer task counters.
+//   * no floating-point atomics: the only atomics are the integer task counters;
+//   * a CTA is THREADS consumer threads (warps 0..NWARPS-1: wait, compute, signal) plus one
+//     producer warp that streams the weights of the CTA's matvec tasks into a shared-memory ring
+//     ahead of the consumers (weights depend on nothing, so it never waits on a counter); the
+//     consumers synchronize among themselves with named barrier 1, never with __syncthreads.
 // ---------------------------------------------------------------------------------------------
 
 using bf16 = __nv_bfloat16;
@@ -17,9 +21,15 @@ using i64 = long long;
 using counter_ref = cuda::atomic_ref<u64, cuda::thread_scope_device>;
 
 static_assert(THREADS % 32 == 0 && NWARPS == THREADS / 32, "whole warps");
+constexpr int BLOCK_THREADS = THREADS + 32;  // the consumers, then the producer warp
 
 __device__ __forceinline__ int warp_id() { return threadIdx.x / 32; }
 __device__ __forceinline__ int lane_id() { return threadIdx.x % 32; }
+
+// barrier of the THREADS consumer threads (named barrier 1; the producer warp never joins it)
+__device__ __forceinline__ void cta_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+}
 
 // ---- loads -----------------------------------------------------------------------------------
 
@@ -47,15 +57,19 @@ __device__ __forceinline__ void unpack8(const bf16x8 w, float (&f)[8]) {
   f[4] = bf16_lo(w.z); f[5] = bf16_hi(w.z); f[6] = bf16_lo(w.w); f[7] = bf16_hi(w.w);
 }
 
-// acc + sum_i w[i] * x[i] over 8 elements, in index order (x: 16-byte aligned shared memory)
-__device__ __forceinline__ float dot8(const bf16x8 w, const float* x, float acc) {
-  const float4 x0 = *reinterpret_cast<const float4*>(x);
-  const float4 x1 = *reinterpret_cast<const float4*>(x + 4);
+// acc + sum_i w[i] * x[i] over 8 elements, in index order; x[0..4) at lo, x[4..8) at hi
+// (16-byte aligned shared memory)
+__device__ __forceinline__ float dot8(const bf16x8 w, const float* lo, const float* hi, float acc) {
+  const float4 x0 = *reinterpret_cast<const float4*>(lo);
+  const float4 x1 = *reinterpret_cast<const float4*>(hi);
   acc = fmaf(bf16_lo(w.x), x0.x, acc); acc = fmaf(bf16_hi(w.x), x0.y, acc);
   acc = fmaf(bf16_lo(w.y), x0.z, acc); acc = fmaf(bf16_hi(w.y), x0.w, acc);
   acc = fmaf(bf16_lo(w.z), x1.x, acc); acc = fmaf(bf16_hi(w.z), x1.y, acc);
   acc = fmaf(bf16_lo(w.w), x1.z, acc); acc = fmaf(bf16_hi(w.w), x1.w, acc);
   return acc;
+}
+__device__ __forceinline__ float dot8(const bf16x8 w, const float* x, float acc) {
+  return dot8(w, x, x + 4, acc);
 }
 
 // ---- fixed-order reductions ------------------------------------------------------------------
@@ -74,11 +88,11 @@ __device__ __forceinline__ float group_sum(float v) {
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   v = group_sum(v);
   if (lane_id() == 0) scratch[warp_id()] = v;
-  __syncthreads();
+  cta_sync();
   float s = 0.f;
 #pragma unroll
   for (int w = 0; w < NWARPS; ++w) s += scratch[w];
-  __syncthreads();
+  cta_sync();
   return s;
 }
 
@@ -140,8 +154,9 @@ struct Wait {
   int counter, count, step_offset;
 };
 
-// thread 0 spins with acquire loads (nanosleep backoff) until every wait of the task holds at
-// global step `step`, then the CTA goes on; targets <= 0 (step_offset -1 at step 0) hold at once
+// consumer thread 0 spins with acquire loads (short nanosleep backoff) until every wait of the
+// task holds at global step `step`, then the consumers go on; targets <= 0 (step_offset -1 at
+// step 0) hold at once
 __device__ __forceinline__ void wait_task(u64* counters, const Task& t, const Wait* waits,
                                           const int* per_step, i64 step) {
   if (threadIdx.x == 0) {
@@ -150,22 +165,148 @@ __device__ __forceinline__ void wait_task(u64* counters, const Task& t, const Wa
       const i64 target = (step + w.step_offset) * per_step[w.counter] + w.count;
       counter_ref c(counters[w.counter]);
       for (unsigned ns = 32; static_cast<i64>(c.load(cuda::memory_order_acquire)) < target;
-           ns = ns < 1024 ? 2 * ns : 1024)
+           ns = ns < 128 ? 2 * ns : 128)
         __nanosleep(ns);
     }
   }
-  __syncthreads();
+  cta_sync();
 }
 
-// all threads' writes are done (barrier), then thread 0 publishes them with a release increment
+// all consumer threads' writes are done (barrier), then thread 0 publishes them with a release
+// increment
 __device__ __forceinline__ void signal_task(u64* counters, const Task& t) {
-  __syncthreads();
+  cta_sync();
   if (threadIdx.x == 0) counter_ref(counters[t.signal]).fetch_add(1, cuda::memory_order_release);
 }
 
-// ---- staged matvec: part[v][b] = W_v . xin[b] over K columns ---------------------------------
-// Shared memory: xs [B][KC] staged inputs | part [MAX_VROWS][B] outputs | scratch [NWARPS] |
-// rstd [B]. xin = src, or RMSNorm(src) * norm_w when norm_w is given.
+// ---- shared memory: the weight ring, its barriers, the consumers' work area ------------------
+// Dynamic shared memory, SMEM_BYTES: STAGES slots of SLOT_BYTES (weights in flight), a full and
+// an empty mbarrier per slot, then SMEM_FLOATS floats of work area (staged matvec inputs and
+// outputs, attention state). A slot holds up to NWARPS row segments of WC bf16 columns each.
+
+constexpr int WC = SLOT_BYTES / 2 / NWARPS;  // columns of one row segment in a slot
+constexpr int SMEM_BYTES = STAGES * SLOT_BYTES + 16 * STAGES + 4 * SMEM_FLOATS;
+static_assert(WC % 8 == 0 && SLOT_BYTES % 16 == 0, "16-byte row segments");
+
+struct Smem {
+  unsigned char* ring;  // STAGES x SLOT_BYTES
+  u64* full;            // full[s]: slot s holds its chunk (the copy's bytes have landed)
+  u64* empty;           // empty[s]: every consumer warp is done reading slot s
+  float* f;             // SMEM_FLOATS of work area
+};
+// a position in the ring: the slot, and the parity of the slot's barrier phase to wait for
+struct Ring {
+  int slot = 0;
+  unsigned phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++slot == STAGES) slot = 0, phase ^= 1u;
+  }
+};
+
+__device__ __forceinline__ unsigned smem_addr(const void* ptr) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
+}
+__device__ __forceinline__ unsigned dynamic_smem_size() {
+  unsigned n;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+  return n;
+}
+__device__ __forceinline__ void mbar_init(u64* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared.b64 st, [%0];\n}" ::"r"(smem_addr(bar))
+               : "memory");
+}
+// wait until the phase of `bar` with parity `parity` has completed
+__device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+#else
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+#endif
+  }
+}
+
+__device__ __forceinline__ Smem smem_plan(unsigned char* base) {
+  Smem sm;
+  sm.ring = base;
+  sm.full = reinterpret_cast<u64*>(base + STAGES * SLOT_BYTES);
+  sm.empty = sm.full + STAGES;
+  sm.f = reinterpret_cast<float*>(sm.empty + STAGES);
+  return sm;
+}
+// thread 0, before the CTA splits into roles (a __syncthreads follows)
+__device__ __forceinline__ void ring_init(const Smem& sm) {
+  for (int i = 0; i < STAGES; ++i) {
+#if __CUDA_ARCH__ >= 900
+    mbar_init(sm.full + i, 1);  // the producer's arrive.expect_tx; the bytes complete the phase
+#else
+    mbar_init(sm.full + i, 32);  // one cp.async arrive per producer lane
+#endif
+    mbar_init(sm.empty + i, NWARPS);  // one arrive per consumer warp
+  }
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// producer warp: copy `rows` weight row segments of `width` columns, row(v0 + i) + col, into the
+// next slot (segment i at i * WC), once the consumers have freed it. sm_90: one bulk copy per
+// segment (the copy engine; lane 0 issues them), completing on full[slot] by byte count;
+// sm_80: 16-byte cp.async by all lanes, each lane arriving on full[slot] when its copies land.
+template <class Row>
+__device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0, int rows,
+                                        int col, int width) {
+  u64* full = sm.full + r.slot;
+  bf16* dst = reinterpret_cast<bf16*>(sm.ring + r.slot * SLOT_BYTES);
+  mbar_wait(sm.empty + r.slot, r.phase ^ 1u);  // a fresh slot's previous phase counts as done
+#if __CUDA_ARCH__ >= 900
+  if (lane_id() == 0) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 ::"r"(smem_addr(full)), "r"(rows * width * 2) : "memory");
+    for (int i = 0; i < rows; ++i)
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+          ::"r"(smem_addr(dst + i * WC)), "l"(row(v0 + i) + col), "r"(width * 2),
+          "r"(smem_addr(full)) : "memory");
+  }
+#else
+  const int n8 = width / 8;
+  for (int i = lane_id(); i < rows * n8; i += 32)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 ::"r"(smem_addr(dst + (i / n8) * WC + 8 * (i % n8))),
+                 "l"(row(v0 + i / n8) + col + 8 * (i % n8)) : "memory");
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(smem_addr(full)) : "memory");
+#endif
+  r.advance();
+}
+
+// consumer warp: the segment of this warp in the next slot, once it has landed
+__device__ __forceinline__ const bf16* consume(const Smem& sm, const Ring& r) {
+  mbar_wait(sm.full + r.slot, r.phase);
+  return reinterpret_cast<const bf16*>(sm.ring + r.slot * SLOT_BYTES) + warp_id() * WC;
+}
+// consumer warp: done reading the slot
+__device__ __forceinline__ void release(const Smem& sm, Ring& r) {
+  __syncwarp();
+  if (lane_id() == 0) mbar_arrive(sm.empty + r.slot);
+  r.advance();
+}
+
+// ---- matvec: part[v][b] = W_v . xin[b] over K columns ----------------------------------------
+// Work area: xs [B][KC] staged inputs | part [MAX_VROWS][B] outputs | scratch [NWARPS] | rstd [B].
+// xin = src, or RMSNorm(src) * norm_w when norm_w is given. The weights come through the ring in
+// chunks; producer (load_matvec) and consumers (matvec) walk the same chunks in the same order:
+//   for each input chunk [k0, k0 + n) of at most KC columns (staged whole in xs):
+//     for each block of NWARPS output rows v0 .. (warp w takes row v0 + w):
+//       for each column slice [j, j + WC) of the input chunk: one slot
 
 constexpr int XS_FLOATS = B * KC;
 constexpr int PART_FLOATS = MAX_VROWS * B;
@@ -184,10 +325,12 @@ __device__ __forceinline__ void rms_rstd(const float* src, float* rstd, float* s
     s = block_sum(s, scratch);
     if (threadIdx.x == 0) rstd[b] = rsqrtf(s / K + EPS);
   }
-  __syncthreads();
+  cta_sync();
 }
 
-// xs[b][0:n] = xin[b][k0:k0+n] (src rows of stride ld)
+// xs[b] = xin[b][k0:k0+n] (src rows of stride ld), in the split layout: of the 8 columns of group
+// g, the first 4 go to xs[b][4g..4g+4) and the last 4 to xs[b][ldx/2 + 4g ..], so the lanes of a
+// warp, taking consecutive groups, read consecutive 16 bytes (no bank conflicts)
 __device__ __forceinline__ void stage(float* xs, int ldx, const float* src, int ld, int k0, int n,
                                       const float* rstd, const bf16* norm_w) {
   const int n4 = n / 4;
@@ -200,53 +343,67 @@ __device__ __forceinline__ void stage(float* xs, int ldx, const float* src, int 
       v.x = v.x * r * bf16_lo(w.x); v.y = v.y * r * bf16_hi(w.x);
       v.z = v.z * r * bf16_lo(w.y); v.w = v.w * r * bf16_hi(w.y);
     }
-    *reinterpret_cast<float4*>(xs + b * ldx + k) = v;
+    *reinterpret_cast<float4*>(xs + b * ldx + (k & 4) * (ldx / 8) + k / 8 * 4) = v;
   }
 }
 
-// part[v][b] (+)= row(v)[k0 : k0+n] . xs[b][0:n] for rows v of this warp: lanes stride over the
-// columns 8 at a time, one fp32 partial per batch row, then a butterfly; every row of W is read
-// once for all B batch rows
-template <class Row>
-__device__ __forceinline__ void matvec_chunk(Row row, int nrows, int k0, const float* xs, int ldx,
-                                             int n, float* part, bool accumulate) {
-  for (int v = warp_id(); v < nrows; v += NWARPS) {
-    const bf16* w = row(v) + k0;
-    float acc[B];
-#pragma unroll
-    for (int b = 0; b < B; ++b) acc[b] = 0.f;
-#pragma unroll 4
-    for (int k = lane_id() * 8; k < n; k += 32 * 8) {
-      const bf16x8 w8 = ld_weight8(w + k);
-#pragma unroll
-      for (int b = 0; b < B; ++b) acc[b] = dot8(w8, xs + b * ldx + k, acc[b]);
-    }
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const float s = group_sum(acc[b]);
-      if (lane_id() == 0) part[v * B + b] = accumulate ? part[v * B + b] + s : s;
-    }
-  }
-}
-
-// part[v][b] = row(v)[0:K] . xin[b][0:K] for v < nrows, staging KC columns at a time; returns
-// with part complete and visible to the whole CTA
+// producer side of `matvec`: stream the chunks of row(v)[0:K], v < nrows, through the ring
 template <int K, class Row>
-__device__ __forceinline__ void matvec(Row row, int nrows, const float* src, int ld,
-                                       const bf16* norm_w, float* smem) {
+__device__ __forceinline__ void load_matvec(Row row, int nrows, const Smem& sm, Ring& r) {
+  constexpr int CHUNK = K < KC ? K : KC;
+  for (int k0 = 0; k0 < K; k0 += CHUNK) {
+    const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+    for (int v0 = 0; v0 < nrows; v0 += NWARPS) {
+      const int rows = nrows - v0 < NWARPS ? nrows - v0 : NWARPS;
+      for (int j = 0; j < n; j += WC) produce(sm, r, row, v0, rows, k0 + j, n - j < WC ? n - j : WC);
+    }
+  }
+}
+
+// part[v][b] = row(v)[0:K] . xin[b][0:K] for v < nrows (row: for the producer; the consumers
+// read the ring); returns with part complete and visible to every consumer thread
+template <int K>
+__device__ __forceinline__ void matvec(int nrows, const float* src, int ld, const bf16* norm_w,
+                                       const Smem& sm, Ring& r) {
   static_assert(K % 8 == 0, "rows of whole 16-byte groups");
   constexpr int CHUNK = K < KC ? K : KC;
-  float* xs = smem;
-  float* part = smem + XS_FLOATS;
+  float* xs = sm.f;
+  float* part = xs + XS_FLOATS;
   float* scratch = part + PART_FLOATS;
   float* rstd = scratch + NWARPS;
   if (norm_w != nullptr) rms_rstd<K>(src, rstd, scratch);
   for (int k0 = 0; k0 < K; k0 += CHUNK) {
     const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
     stage(xs, CHUNK, src, ld, k0, n, rstd, norm_w);
-    __syncthreads();
-    matvec_chunk(row, nrows, k0, xs, CHUNK, n, part, k0 > 0);
-    __syncthreads();
+    cta_sync();
+    for (int v0 = 0; v0 < nrows; v0 += NWARPS) {
+      const int v = v0 + warp_id();  // warp-uniform
+      float acc[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) acc[b] = 0.f;
+      for (int j = 0; j < n; j += WC) {
+        const int width = n - j < WC ? n - j : WC;
+        const bf16* seg = consume(sm, r);
+        if (v < nrows) {
+#pragma unroll 4
+          for (int k = lane_id() * 8; k < width; k += 32 * 8) {
+            const bf16x8 w8 = *reinterpret_cast<const bf16x8*>(seg + k);
+            const float* x = xs + (j + k) / 2;  // group (j + k) / 8, 4 floats a group
+#pragma unroll
+            for (int b = 0; b < B; ++b) acc[b] = dot8(w8, x + b * CHUNK, x + b * CHUNK + CHUNK / 2, acc[b]);
+          }
+        }
+        release(sm, r);
+      }
+      if (v < nrows) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const float s = group_sum(acc[b]);
+          if (lane_id() == 0) part[v * B + b] = k0 > 0 ? part[v * B + b] + s : s;
+        }
+      }
+    }
+    cta_sync();
   }
 }
 
@@ -316,7 +473,7 @@ __device__ __forceinline__ void attn_merge_warps(float* ws, float m, float l, co
     for (int x = 0; x < 8; ++x) mine[lane_id() * 8 + x] = o[x];
     if (lane_id() == 0) mine[D] = m, mine[D + 1] = l;
   }
-  __syncthreads();
+  cta_sync();
   for (int el = threadIdx.x; el < D; el += THREADS) {
     float mx = -INFINITY, od = 0.f, ld = 0.f;
     for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, ws[w * (D + 2) + D]);
@@ -330,5 +487,5 @@ __device__ __forceinline__ void attn_merge_warps(float* ws, float m, float l, co
     o_out[el] = od;
     if (el == 0) *m_out = mx, *l_out = ld;
   }
-  __syncthreads();
+  cta_sync();
 }

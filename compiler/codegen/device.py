@@ -1,13 +1,17 @@
 """One rule per instruction kind: each renders that kind's `__device__` function.
 
-Every function has the same signature, `(const Params& p, const Task& t, int pos, int step,
-float* smem)`: `t` carries the task's layer and params (schedule.py), `pos` is the position of
-this step's token, `step` the step's index within the launch, `smem` the CTA's shared buffer.
+Every consumer function has the same signature, `(const Params& p, const Task& t, int pos,
+int step, const Smem& sm, Ring& ring)`: `t` carries the task's layer and params (schedule.py),
+`pos` is the position of this step's token, `step` the step's index within the launch, `sm` the
+CTA's shared memory and `ring` the consumers' place in its weight ring.
 
 Five kinds are a matvec plus an epilogue (`Matvec`): they say which input they read (optionally
 RMS-normed), which weight row is output row v, and what to do with each output y[v][b]; the
 shared machinery (`matvec` in amk.cuh) stages the input, reads each weight row once for all B
-batch rows and reduces in a fixed order. The other five are short loops (`Loop`). Semantics are
+batch rows and reduces in a fixed order. Each Matvec kind also gets a producer function,
+`load_<name>(p, t, sm, ring)`, built from the same setup, K, row count and row map, which streams
+the task's weight rows into the ring (`load_matvec`) for the consumers to read in the same order.
+The other five are short loops (`Loop`) that read no weights through the ring. Semantics are
 fused.py's, over the buffers in `Params`.
 """
 
@@ -18,7 +22,10 @@ from dataclasses import dataclass
 from compiler.codegen.emit import Emitter
 from compiler.ir.fused import Kind
 
-SIGNATURE = "(const Params& p, const Task& t, const int pos, const int step, float* smem)"
+SIGNATURE = (
+    "(const Params& p, const Task& t, const int pos, const int step, const Smem& sm, Ring& ring)"
+)
+LOAD_SIGNATURE = "(const Params& p, const Task& t, const Smem& sm, Ring& ring)"
 
 
 @dataclass(frozen=True)
@@ -118,14 +125,14 @@ RULES: dict[Kind, tuple[str, Rule]] = {
             (
                 "const int g = t.a, part = t.b;",
                 LAYER,
-                "float* qs = smem;          // [G][D] queries of one batch row",
-                "float* ws = smem + G * D;  // [NWARPS][D + 2] per-warp (o, m, l) of one head",
+                "float* qs = sm.f;          // [G][D] queries of one batch row",
+                "float* ws = sm.f + G * D;  // [NWARPS][D + 2] per-warp (o, m, l) of one head",
                 "const int lo = WINDOW > 0 ? max(0, pos - WINDOW + 1) : 0;  // first key in the window",
                 "const int j0 = max(part * C, lo), j1 = min(min((part + 1) * C, S), pos + 1);",
                 "for (int b = 0; b < B; ++b) {",
                 "  const size_t head0 = (static_cast<size_t>(b) * KV + g) * S * D;  // cache[b, g, 0, 0]",
                 "  for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] = ld_act(p.q + b * QD + g * G * D + i);",
-                "  __syncthreads();",
+                "  cta_sync();",
                 "  float m[G], l[G], o[G][8];",
                 "  attn_keys(qs, w.k_cache + head0, w.v_cache + head0, j0, j1, m, l, o);",
                 "  attn_merge_slots(m, l, o);",
@@ -279,19 +286,29 @@ RULES: dict[Kind, tuple[str, Rule]] = {
 
 
 def render_matvec(e: Emitter, r: Matvec) -> None:
-    e.lines(*r.setup)
-    with e.block("const auto row = [&](int v) -> const bf16*", close="};"):
-        e.lines(*r.row)
-    e.line(f"matvec<{r.k}>(row, {r.rows}, {r.src}, {r.ld}, {r.norm}, smem);")
-    e.line("const float* y = smem + XS_FLOATS;  // outputs y[v * B + b], complete and visible")
+    uses_layer = any("w." in ln for ln in (*r.epilogue, *r.after, r.norm))  # weights: the ring
+    e.lines(*(ln for ln in r.setup if ln != LAYER or uses_layer))
+    e.line(f"matvec<{r.k}>({r.rows}, {r.src}, {r.ld}, {r.norm}, sm, ring);")
+    e.line("const float* y = sm.f + XS_FLOATS;  // outputs y[v * B + b], complete and visible")
     with e.block(f"for (int i = threadIdx.x; i < ({r.outputs or r.rows}) * B; i += THREADS)"):
         e.line("const int v = i / B, b = i % B;")
         e.lines(*r.epilogue)
     e.lines(*r.after)
 
 
+def render_load(e: Emitter, name: str, r: Matvec) -> None:
+    """The producer function of a Matvec kind: the task's weight rows into the ring."""
+    e.comment(f"producer of {name}: its weight rows, in the order {name} reads them")
+    with e.block(f"static __device__ __forceinline__ void load_{name}{LOAD_SIGNATURE}"):
+        e.lines(*r.setup)
+        with e.block("const auto row = [&](int v) -> const bf16*", close="};"):
+            e.lines(*r.row)
+        e.line(f"load_matvec<{r.k}>(row, {r.rows}, sm, ring);")
+
+
 def render_device(e: Emitter, kind: Kind) -> None:
-    """The `__device__` function of `kind`: its semantics as a comment, then its body."""
+    """The `__device__` function(s) of `kind`: its semantics as a comment, then its body (and,
+    for a Matvec kind, its producer)."""
     name, r = RULES[kind]
     e.comment(r.doc)
     with e.block(f"static __device__ __forceinline__ void {name}{SIGNATURE}"):
@@ -299,8 +316,15 @@ def render_device(e: Emitter, kind: Kind) -> None:
             render_matvec(e, r)
         else:
             e.lines(*r.body)
+    if isinstance(r, Matvec):
+        render_load(e, name, r)
     e.blank()
 
 
 def function_name(kind: Kind) -> str:
     return RULES[kind][0]
+
+
+def streams_weights(kind: Kind) -> bool:
+    """Whether the producer warp streams weights for tasks of `kind` (`load_<name>` exists)."""
+    return isinstance(RULES[kind][1], Matvec)

@@ -1,9 +1,12 @@
 """Every number a kernel is specialized for, from the FusedGraph and the Schedule, as constexprs.
 
-The shared-memory plan lives here too: one static buffer of at most 48 KiB (no opt-in needed at
-launch), shared by the instruction bodies: a matvec stages `KC` input columns of all `B` rows
-and keeps its `MAX_VROWS x B` outputs; attention keeps the queries of one KV-head group and the
-per-warp softmax states of one head.
+The shared-memory plan lives here too, all of it dynamic shared memory (the launcher opts in
+to `smem_bytes`): the weight ring (`stages` slots of `stage_bytes`, Options), one full and one
+empty mbarrier per slot, and a work area of at most `WORK_BYTES` that the instruction bodies
+share: a matvec stages `KC` input columns of all `B` rows and keeps its `MAX_VROWS x B` outputs;
+attention keeps the queries of one KV-head group and the per-warp softmax states of one head.
+The default plan (4 x 32 KiB + 32 KiB) fits an A100's 163 KiB per block as well as an H100's
+227 KiB.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from compiler.codegen.emit import Emitter
 from compiler.ir.fused import FusedGraph, Kind
 from compiler.schedule.schedule import Schedule
 
-SMEM_BYTES = 48 * 1024  # static shared memory per CTA without a launch-time opt-in
+WORK_BYTES = 32 * 1024  # the consumers' work area
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may opt in to (sm_90; sm_80: 163 KiB)
 
 
 class CodegenError(ValueError):
@@ -50,6 +54,8 @@ class KernelDims:
     vocab_tiles: int
     threads: int
     sm_count: int
+    stages: int
+    stage_bytes: int
     qkv_tile: int  # rows of the widest QKV task
     row_tile: int  # rows of the widest o-proj / gate-up / down-partial task
     lm_rows: int  # vocab rows of one LM-head tile (CV)
@@ -79,9 +85,17 @@ class KernelDims:
         return self.batch * self.kc + self.max_vrows * self.batch + self.nwarps + self.batch
 
     @property
-    def smem_floats(self) -> int:
+    def smem_floats(self) -> int:  # the work area, in floats
         n = max(self.attn_smem_floats, self.matvec_smem_floats)
         return -(-n // 4) * 4
+
+    @property
+    def block_threads(self) -> int:  # consumers + the producer warp
+        return self.threads + 32
+
+    @property
+    def smem_bytes(self) -> int:  # dynamic shared memory of a CTA: ring, barriers, work area
+        return self.stages * self.stage_bytes + 16 * self.stages + 4 * self.smem_floats
 
 
 def _widest(sched: Schedule, kind: Kind) -> int:
@@ -103,7 +117,7 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
     widest_k = max(
         int(fg.dim("hidden")), int(fg.dim("heads")) * d, int(fg.dim("intermediate")) // bound["KS"]
     )
-    free = SMEM_BYTES // 4 - max_vrows * b - nwarps - b
+    free = WORK_BYTES // 4 - max_vrows * b - nwarps - b
     kc = min(widest_k, free // b // 8 * 8)
     if kc < 8:
         raise CodegenError(
@@ -130,6 +144,8 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
         vocab_tiles=tiles,
         threads=o.threads,
         sm_count=o.sm_count,
+        stages=o.stages,
+        stage_bytes=o.stage_bytes,
         qkv_tile=qkv,
         row_tile=max(rows, gate_up, down),
         lm_rows=lm_rows,
@@ -160,15 +176,24 @@ def _check(d: KernelDims) -> None:
         ),
         (d.heads % d.kv_heads == 0, "heads must be a multiple of kv_heads"),
         (
-            d.smem_floats * 4 <= SMEM_BYTES,
-            f"shared memory plan {d.smem_floats * 4} B exceeds {SMEM_BYTES} B",
+            d.smem_floats * 4 <= WORK_BYTES,
+            f"shared work area {d.smem_floats * 4} B exceeds {WORK_BYTES} B",
+        ),
+        (
+            d.stage_bytes % (16 * d.nwarps) == 0,
+            f"stage_bytes {d.stage_bytes} must be a multiple of 16 x {d.nwarps} consumer warps",
+        ),
+        (
+            d.smem_bytes <= SMEM_LIMIT,
+            f"shared memory plan {d.smem_bytes} B ({d.stages} x {d.stage_bytes} B ring + work "
+            f"area) exceeds {SMEM_LIMIT} B",
         ),
         (
             d.max_seq < 2**31 and d.batch * d.kv_heads * d.max_seq * d.head_dim < 2**62,
             "cache too large",
         ),
         (len(d.inv_freq) == d.head_dim // 2, "rope_inv_freq must have head_dim/2 values"),
-        (d.threads >= 32, "at least one warp"),
+        (32 <= d.threads <= 992, "1 to 31 consumer warps"),
     ]
     for ok, why in need:
         if not ok:
@@ -212,15 +237,16 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     e.blank()
     e.comment("---- launch shape and tiles (Options) ----")
     const("SM_COUNT", d.sm_count, "CTAs: one per SM, all co-resident")
-    const("THREADS", d.threads, "threads per CTA")
-    const("NWARPS", "THREADS / 32", "warps per CTA")
+    const("THREADS", d.threads, "consumer threads per CTA (+ one producer warp)")
+    const("NWARPS", "THREADS / 32", "consumer warps per CTA")
+    const("STAGES", d.stages, "slots of the shared-memory weight ring")
+    const("SLOT_BYTES", d.stage_bytes, "bytes of one slot")
     const("QKV_TILE", d.qkv_tile, "rows of the widest QKV task")
     const("ROW_TILE", d.row_tile, "rows of the widest o-proj/gate-up/down task")
     const("EMBED_COLS", d.embed_cols, "columns of the widest EMBED task")
     const("MAX_VROWS", d.max_vrows, "most matvec output rows of one task")
     const("KC", d.kc, "matvec input columns staged per chunk")
-    const("SMEM_FLOATS", d.smem_floats, "static shared memory per CTA, in floats")
-    e.line('static_assert(SMEM_FLOATS * 4 <= 48 * 1024, "static shared memory limit");')
+    const("SMEM_FLOATS", d.smem_floats, "work area in shared memory, in floats")
     e.line(
         'static_assert(QKV_TILE % D == 0 && QKV_TILE <= MAX_VROWS && ROW_TILE <= MAX_VROWS, "matvec tiles");'
     )

@@ -4,11 +4,15 @@ kernel.cu, top to bottom: the model's dims as constexprs (dims.py), the primitiv
 pasted verbatim), `Params` (params.py), the schedule as `__device__ const` tables (tables.py),
 one `__device__` function per instruction kind (device.py), and the one `__global__` function:
 
-    for step in 0 .. steps-1:                    (position pos0 + step, global step step0 + step)
-        for task in this CTA's queue:
-            thread 0 waits (acquire) for the task's counters; __syncthreads
-            run the kind's device function over the task's tile
-            __syncthreads; thread 0 increments the task's counter (release)
+    producer warp:
+        for step in 0 .. steps-1: for task in this CTA's queue:
+            stream the task's weight rows into the ring (matvec kinds; slots freed by consumers)
+    consumer threads:
+        for step in 0 .. steps-1:                (position pos0 + step, global step step0 + step)
+            for task in this CTA's queue:
+                thread 0 waits (acquire) for the task's counters; consumer barrier
+                run the kind's device function over the task's tile (weights from the ring)
+                consumer barrier; thread 0 increments the task's counter (release)
 
 Rendering is a pure function of its inputs: the same FusedGraph and Schedule give the same bytes.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compiler.codegen.device import function_name, render_device
+from compiler.codegen.device import function_name, render_device, streams_weights
 from compiler.codegen.dims import CodegenError, kernel_dims, render_dims
 from compiler.codegen.emit import Emitter
 from compiler.codegen.params import render_params
@@ -30,9 +34,12 @@ PRELUDE = Path(__file__).with_name("amk.cuh")
 KERNEL_NAME = "amk_megakernel"
 OVERVIEW = f"""\
 ONE persistent kernel, {KERNEL_NAME}: grid = SM_COUNT CTAs (one per SM, launched
-cooperatively so all are co-resident), THREADS threads each. CTA s runs queue s of the
-schedule every decode step; tasks wait on and signal u64 counters in global memory
-(acquire/release), which are never reset: a wait's target grows with the global step."""
+cooperatively so all are co-resident), BLOCK_THREADS threads each: THREADS consumer threads
+and one producer warp. CTA s runs queue s of the schedule every decode step; tasks wait on and
+signal u64 counters in global memory (acquire/release), which are never reset: a wait's target
+grows with the global step. The producer warp walks the same queue without waiting on any
+counter and streams each matvec task's weights into a ring of STAGES shared-memory slots, so
+weight reads run ahead of the consumers across task boundaries and dependency waits."""
 ENTRY = f"""\
 {KERNEL_NAME}(p, steps, pos0, step0): runs `steps` decode steps at positions pos0 ..
 pos0+steps-1; step0 = the steps this counter array has already run. Each step embeds token[b],
@@ -90,15 +97,36 @@ def _header(e: Emitter, fg: FusedGraph, sched: Schedule) -> None:
 
 def _kernel(e: Emitter) -> None:
     e.comment(ENTRY)
-    e.line('extern "C" __global__ void __launch_bounds__(THREADS, 1)')
+    e.line('extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1)')
     with e.block(
         f"{KERNEL_NAME}(const __grid_constant__ Params p, const int steps, const int pos0, const unsigned long long step0)"
     ):
-        e.line("__shared__ __align__(16) float smem[SMEM_FLOATS];")
+        e.line("extern __shared__ __align__(128) unsigned char smem_raw[];")
         e.line(
-            "if (gridDim.x != SM_COUNT || blockDim.x != THREADS || pos0 < 0 || steps < 0 || pos0 > S - steps) __trap();"
+            "if (gridDim.x != SM_COUNT || blockDim.x != BLOCK_THREADS || dynamic_smem_size() < SMEM_BYTES ||"
         )
+        e.line("    pos0 < 0 || steps < 0 || pos0 > S - steps)")
+        e.line("  __trap();")
+        e.line("const Smem sm = smem_plan(smem_raw);")
+        e.line("if (threadIdx.x == 0) ring_init(sm);")
+        e.line("__syncthreads();  // the last CTA-wide barrier: from here on, two roles")
         e.line("const int q0 = QUEUE_OFF[blockIdx.x], q1 = QUEUE_OFF[blockIdx.x + 1];")
+        e.line("Ring ring;")
+        with e.block("if (threadIdx.x >= THREADS)"):
+            e.comment("the producer warp: weights only, no counter waits")
+            with (
+                e.block("for (int step = 0; step < steps; ++step)"),
+                e.block("for (int qi = q0; qi < q1; ++qi)"),
+            ):
+                e.line("const Task t = TASKS[QUEUE[qi]];")
+                with e.block("switch (t.op)"):
+                    for k in OPS:
+                        if streams_weights(k):
+                            e.line(
+                                f"case {op_name(k)}: load_{function_name(k)}(p, t, sm, ring); break;"
+                            )
+                    e.line("default: break;  // reads no weights through the ring")
+            e.line("return;")
         with e.block("for (int step = 0; step < steps; ++step)"):
             e.line("const int pos = pos0 + step;")
             e.line("const i64 gstep = static_cast<i64>(step0) + step;")
@@ -108,7 +136,7 @@ def _kernel(e: Emitter) -> None:
                 with e.block("switch (t.op)"):
                     for k in OPS:
                         e.line(
-                            f"case {op_name(k)}: {function_name(k)}(p, t, pos, step, smem); break;"
+                            f"case {op_name(k)}: {function_name(k)}(p, t, pos, step, sm, ring); break;"
                         )
                     e.line("default: __trap();")
                 e.line("signal_task(p.counters, t);")

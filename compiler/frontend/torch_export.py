@@ -312,7 +312,18 @@ RULES: dict[Any, Callable[..., Any]] = {
 
 
 def _export(mod: nn.Module, args: tuple[Any, ...], dynamic: tuple[Any, ...]) -> ExportedProgram:
-    return torch.export.export(mod, args, dynamic_shapes=dynamic, strict=False)
+    """torch.export with named dims B and S; where this torch cannot prove a guard that holds
+    for every size (torch 2.11: `Min(64*S, 128*S) == 64*S`), again with `Dim.AUTO` in the same
+    places, which records the guard instead of refusing it. `symbols` below then checks that
+    B and S stayed symbolic."""
+    try:
+        return torch.export.export(mod, args, dynamic_shapes=dynamic, strict=False)
+    except torch._dynamo.exc.UserError as e:
+        auto = getattr(Dim, "AUTO", None)
+        if auto is None or "Constraints violated" not in str(e):
+            raise
+    loose = tuple(None if d is None else dict.fromkeys(d, auto) for d in dynamic)
+    return torch.export.export(mod, args, dynamic_shapes=loose, strict=False)
 
 
 def graph_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Graph:
@@ -366,7 +377,11 @@ def graph_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> Gra
         user = [n for n in ep.graph.nodes if n.op == "placeholder"][
             -len(ep.graph_signature.user_inputs) :
         ]
-        return {str(user[i].meta["val"].shape[d].node.expr): sym for i, d, sym in where}
+        sizes = [(user[i].meta["val"].shape[d], sym) for i, d, sym in where]
+        for size, sym in sizes:
+            if not isinstance(size, torch.SymInt):
+                raise IRError(f"torch.export specialized {sym} to {size}")
+        return {str(size.node.expr): sym for size, sym in sizes}
 
     def params(ep: ExportedProgram, prefix: str) -> dict[str, str]:
         fqns = ep.graph_signature.parameters

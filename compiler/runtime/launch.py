@@ -5,7 +5,9 @@ The kernel is `amk_megakernel(const __grid_constant__ Params p, int steps, int p
 `compiler.codegen.params.params_layout`. The cubin is loaded with CuPy (`cupy.RawModule`) and
 launched with `cuLaunchCooperativeKernel` through the driver API (ctypes), because the grid's
 CTAs wait on each other's counters and must all be resident at once; CuPy's own launcher cannot
-pass a struct by value. Every driver call's CUresult is checked and a failure raises
+pass a struct by value. Each CTA takes the kernel's whole shared-memory plan as dynamic shared
+memory (`KernelDims.smem_bytes`; the function's limit is raised to it first) and has
+`KernelDims.block_threads` threads (the consumers and the producer warp). Every driver call's CUresult is checked and a failure raises
 `LaunchError` naming it (e.g. CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE).
 
 `CpuLauncher` is the same interface over the CPU schedule interpreter
@@ -125,6 +127,8 @@ class _Driver:
             ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t,
         ]  # fmt: skip
         lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.restype = ctypes.c_int
+        lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.cuFuncSetAttribute.restype = ctypes.c_int
         lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         lib.cuGetErrorName.restype = ctypes.c_int
 
@@ -139,11 +143,29 @@ class _Driver:
             raise LaunchError(call, code, self.name(code))
 
 
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
 class CudaLauncher:
-    """`amk_megakernel` of one cubin, launched cooperatively on the current torch stream."""
+    """`amk_megakernel` of one cubin, launched cooperatively on the current torch stream.
+
+    Args:
+        cubin: the artifact's kernel.<arch>.cubin.
+        layout: `params_layout` of the artifact.
+        grid: CTAs (the schedule's SM count).
+        threads: threads per CTA (`KernelDims.block_threads`).
+        smem_bytes: dynamic shared memory per CTA (`KernelDims.smem_bytes`).
+        device: CUDA device index.
+    """
 
     def __init__(
-        self, cubin: Path, layout: Mapping[str, Any], grid: int, threads: int, device: int
+        self,
+        cubin: Path,
+        layout: Mapping[str, Any],
+        grid: int,
+        threads: int,
+        smem_bytes: int,
+        device: int,
     ):
         try:
             import cupy
@@ -155,6 +177,7 @@ class CudaLauncher:
             raise RuntimeUnavailable("no CUDA device is visible to PyTorch")
         self.drv = _Driver()
         self.layout, self.grid, self.threads, self.device = layout, grid, threads, device
+        self.smem_bytes = smem_bytes
         torch.cuda.set_device(device)
         cupy.cuda.Device(device).use()
         try:
@@ -164,11 +187,23 @@ class CudaLauncher:
             raise LaunchError(f"loading {cubin.name}", -1, str(e)) from None
         self.handle = ctypes.c_void_p(self._handle(cubin))
         self._packed: tuple[tuple[tuple[str, int], ...], bytes] = ((), b"")
+        code = self.drv.lib.cuFuncSetAttribute(
+            self.handle, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes
+        )
+        if code != 0:
+            props = torch.cuda.get_device_properties(device)
+            limit = getattr(props, "shared_memory_per_block_optin", "its")
+            raise LaunchError(
+                f"{KERNEL_NAME}: {smem_bytes} B of shared memory per CTA exceed this device's "
+                f"{limit} B limit; recompile with fewer --option stages or a smaller stage_bytes",
+                code,
+                self.drv.name(code),
+            )
         per_sm = ctypes.c_int()
         self.drv.check(
             "cuOccupancyMaxActiveBlocksPerMultiprocessor",
             self.drv.lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                ctypes.byref(per_sm), self.handle, threads, 0
+                ctypes.byref(per_sm), self.handle, threads, smem_bytes
             ),
         )
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -230,7 +265,7 @@ class CudaLauncher:
         )
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
         code = self.drv.lib.cuLaunchCooperativeKernel(
-            self.handle, self.grid, 1, 1, self.threads, 1, 1, 0, stream, args
+            self.handle, self.grid, 1, 1, self.threads, 1, 1, self.smem_bytes, stream, args
         )
         self.drv.check("cuLaunchCooperativeKernel", code)
 

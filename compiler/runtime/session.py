@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from compiler.artifact import ArtifactError, check_files, read_manifest
+from compiler.codegen.dims import kernel_dims
 from compiler.codegen.params import params_layout
 from compiler.ir.fused import FusedGraph
 from compiler.reference import Reference
@@ -115,7 +116,10 @@ class Session:
             cubin = d / f"kernel.{self.manifest.arch}.cubin"
             if not cubin.is_file():
                 raise ArtifactError(f"{d}: no {cubin.name} (was nvcc on PATH at compile time?)")
-            self.launcher = CudaLauncher(cubin, self.layout, opts.sm_count, opts.threads, index)
+            dims = kernel_dims(self.fused, self.schedule)
+            self.launcher = CudaLauncher(
+                cubin, self.layout, opts.sm_count, dims.block_threads, dims.smem_bytes, index
+            )
 
         if reference is not None:
             if reference.spec != self.spec or reference.max_seq < self.max_seq:

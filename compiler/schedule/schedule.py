@@ -41,6 +41,13 @@ from compiler.spec import ShapeTemplate
 
 SCHEDULE_VERSION = 1
 POLICIES = ("round_robin", "balanced")
+# defaults that differ by target: an A100 has 108 SMs and 163 KiB of shared memory per block
+# (room for 4 ring slots); an H100/H200 has 132 SMs and 227 KiB (6 slots, measured 2% faster
+# than 4 on llama-2-7b, compiler/runtime/NOTES.md)
+ARCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "sm_80": {"sm_count": 108, "stages": 4},
+    "sm_90a": {"sm_count": 132, "stages": 6},
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,9 @@ class Options:
     """Everything that changes the schedule or the kernel; hashed into cache keys."""
 
     sm_count: int = 132  # one CTA per SM: 132 on H100, 108 on A100
-    threads: int = 256  # threads per CTA
+    threads: int = 256  # consumer threads per CTA (the CTA has one more warp: the producer)
+    stages: int = 4  # slots of the shared-memory weight ring
+    stage_bytes: int = 32768  # bytes of one slot: a multiple of 16 x the consumer warps
     qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
     row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
     lm_head_rows: int = (
@@ -72,6 +81,11 @@ class Options:
             raise ValueError(f"option embed_cols must be a multiple of 8, got {self.embed_cols}")
         if self.threads % 32:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
+
+    @classmethod
+    def for_arch(cls, arch: str, **values: Any) -> Options:
+        """The defaults for `arch` (ARCH_DEFAULTS), with `values` on top."""
+        return cls(**(ARCH_DEFAULTS.get(arch, {}) | values))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
