@@ -247,7 +247,7 @@ def graph(
         print(f"written     {output}")
 
 
-def _options(pairs: list[str], sm_count: int | None, arch: str) -> Any:
+def _options(pairs: list[str], sm_count: int | None, arch: str, batch: int) -> Any:
     import dataclasses
 
     from compiler.schedule.schedule import Options
@@ -260,10 +260,10 @@ def _options(pairs: list[str], sm_count: int | None, arch: str) -> Any:
             raise ValueError(
                 f"bad --option {pair!r} (expected KEY=VALUE, KEY one of {', '.join(fields)})"
             )
-        values[key] = value if key == "policy" else _int(value, key)
+        values[key] = value if key in ("policy", "matvec") else _int(value, key)
     if sm_count is not None:
         values["sm_count"] = sm_count
-    return Options.for_arch(arch, **values)
+    return Options.for_target(arch, batch, **values)
 
 
 def _int(text: str, key: str) -> int:
@@ -311,7 +311,7 @@ def compile_(
 
     spec = catalog.resolve(model)
     shape = ShapeTemplate.parse(template)
-    opts = _options(option or [], sm_count, arch)
+    opts = _options(option or [], sm_count, arch, shape.batch)
     ckpt = None
     if weights is not None:
         from compiler.frontend.checkpoint import Checkpoint, checkpoint_digest

@@ -164,7 +164,9 @@ def compile_model(
     """
     if arch not in ARCHS:
         raise IRError(f"unsupported arch {arch!r} (supported: {', '.join(ARCHS)})")
-    st = State(spec, template, arch, options or Options.for_arch(arch), **(start or {}))
+    st = State(
+        spec, template, arch, options or Options.for_target(arch, template.batch), **(start or {})
+    )
     writer = ArtifactWriter(out_dir)
     try:
         for name, stage in STAGES:

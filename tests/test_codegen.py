@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from amk_farm import catalog
-from compiler.codegen.dims import WORK_BYTES, CodegenError, kernel_dims
+from compiler.codegen.dims import CodegenError, kernel_dims, mma_slice
 from compiler.codegen.emit import Emitter
 from compiler.codegen.kernel import render_kernel
 from compiler.codegen.nvcc import NvccError, NvccMissing, compile_cubin, gencode, parse_ptxas
@@ -257,10 +257,19 @@ def test_smem_plan_fits_and_chunks_for_large_batches():
     d1 = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(1, 4096), Options()))
     assert d1.kc == 4096  # one chunk: x staged whole
     d16 = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), Options()))
-    assert d16.kc < 4096 and d16.kc % 8 == 0 and d16.smem_floats * 4 <= WORK_BYTES
+    assert d16.kc < 4096 and d16.kc % 8 == 0 and d16.smem_floats * 4 <= Options().work_bytes
     # the default plan (ring of 4 x 32 KiB + work area) fits an A100's 163 KiB per block
     assert d1.smem_bytes <= 163 * 1024 and d16.smem_bytes <= 163 * 1024
     assert d1.block_threads == Options().threads + 32  # consumers + the producer warp
+
+
+def test_mma_input_chunks_are_whole_slices():
+    fg = layout(catalog.resolve("llama-2-7b"))
+    opts = Options(matvec="mma", work_bytes=64 * 1024)
+    d = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), opts))
+    assert d.kc < 4096 and d.kc % mma_slice(opts.stage_bytes) == 0
+    with pytest.raises(CodegenError, match="multiple of 4 consumer warps"):
+        kernel_dims(fg, chain_schedule(fg, ShapeTemplate(1, 64), Options(matvec="mma", threads=192)))
 
 
 def test_smem_plan_refuses_rings_that_do_not_fit():
@@ -378,10 +387,32 @@ def test_llama_2_7b_real_schedule_parses_back():
 
 @needs_nvcc
 @pytest.mark.slow
-def test_batch_16_compiles_without_spills(tmp_path):
-    fg, sched, cu = case("llama-2-7b", "b16-s2048", real=False)
-    assert kernel_dims(fg, sched).kc < fg.dim("hidden")  # staged in chunks
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_16_compiles_without_spills_with_each_arch_defaults(tmp_path, arch):
+    opts = Options.for_target(arch, 16).to_json()
+    fg, sched, cu = case("llama-2-7b", "b16-s2048", real=False, **opts)
+    d = kernel_dims(fg, sched)
+    assert d.mma and d.kc < fg.dim("hidden")  # the tensor-core matvec, inputs staged in chunks
     path = tmp_path / "b16.cu"
     path.write_text(cu)
-    r = compile_cubin(path, "sm_90a", tmp_path / "b16.cubin")
-    assert r.spills == 0 and r.entry is not None
+    check_compiled([compile_cubin(path, arch, tmp_path / "b16.cubin")], d)
+
+
+@needs_nvcc
+def test_tiny_mma_compiles_for_both_archs_without_spills(tmp_path):
+    fg, sched, cu = case("tiny-llama", "b4-s64", matvec="mma")
+    d = kernel_dims(fg, sched)
+    assert d.mma and "constexpr bool MMA = true;" in cu
+    check_compiled(compile_both(tmp_path, "tiny-mma", cu), d)
+
+
+def test_target_defaults_fit_each_card():
+    fg = layout(catalog.resolve("llama-2-7b"))
+    limits = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}  # opt-in shared memory per block
+    for arch, limit in limits.items():
+        for batch, mma in ((1, False), (4, False), (16, True)):
+            opts = Options.for_target(arch, batch)
+            assert opts.sm_count == (108 if arch == "sm_80" else 132)
+            d = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(batch, 2048), opts))
+            assert d.mma is mma and d.smem_bytes <= limit, (arch, batch)
+    assert Options.for_target("sm_90a", 1, stages=2).stages == 2  # given values win

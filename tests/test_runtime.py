@@ -24,9 +24,9 @@ from compiler.artifact import read_manifest
 from compiler.codegen.dims import kernel_dims
 from compiler.codegen.params import params_layout
 from compiler.pipeline import compile_model
-from compiler.reference import Reference, generate
+from compiler.reference import Reference
 from compiler.runtime.bench import StaticCacheStep
-from compiler.runtime.check import clear_prompt, float32_check, greedy_check, margin
+from compiler.runtime.check import float32_check, forced_check, greedy_check, margin
 from compiler.runtime.launch import pack_params
 from compiler.runtime.session import Session
 from compiler.spec import ShapeTemplate
@@ -131,12 +131,21 @@ def test_margin_is_the_closest_call_over_the_rows():
     assert margin(torch.tensor([[3.0, 3.0]])) == 0.0  # an exact tie
 
 
-def test_clear_prompt_has_no_near_tie_in_the_reference(artifacts):
-    s = Session(artifacts[4], synthetic_seed=0, device="cpu")
-    prompt, seed, clear = clear_prompt(s, 8, 6, min_margin=1e-3)
-    assert prompt.shape == (4, 8) and 0 <= seed < 16
-    _, logits = generate(s.model, prompt, 7)
-    assert clear == min(margin(x) for x in logits[:7]) >= 1e-3
+@pytest.mark.parametrize("batch", [1, 4])
+def test_forced_check_accepts_the_cpu_kernel_and_catches_a_wrong_token(artifacts, batch):
+    s = Session(artifacts[batch], synthetic_seed=0, device="cpu")
+    r = forced_check(s, PROMPTS[:batch], 3)
+    assert r.ok and r.steps == 3 * batch and r.agree + r.ties == r.steps
+
+    real = s.decode
+
+    def off_by_one(n: int, tokens_per_launch: int = 1) -> torch.Tensor:
+        toks = real(n, tokens_per_launch)
+        toks[2, 0] = (toks[2, 0] + 1) % s.spec.vocab_size  # the last step, row 0: another token
+        return toks
+
+    s.decode = off_by_one  # type: ignore[method-assign]
+    assert forced_check(s, PROMPTS[:batch], 3).wrong == ((2, 0),)
 
 
 def test_session_refuses_bad_prompts_and_decode_before_prefill(artifacts):

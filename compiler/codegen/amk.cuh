@@ -258,40 +258,41 @@ __device__ __forceinline__ void ring_init(const Smem& sm) {
 }
 
 // producer warp: copy `rows` weight row segments of `width` columns, row(v0 + i) + col, into the
-// next slot (segment i at i * WC), once the consumers have freed it. sm_90: one bulk copy per
-// segment (the copy engine; lane 0 issues them), completing on full[slot] by byte count;
-// sm_80: 16-byte cp.async by all lanes, each lane arriving on full[slot] when its copies land.
+// next slot (segment i at byte i * pitch), once the consumers have freed it. sm_90: one bulk copy
+// per segment (the copy engine; lane 0 announces the bytes, the lanes issue the copies),
+// completing on full[slot] by byte count; sm_80: 16-byte cp.async by all lanes, each lane
+// arriving on full[slot] when its copies have landed.
 template <class Row>
 __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0, int rows,
-                                        int col, int width) {
+                                        int col, int width, int pitch) {
   u64* full = sm.full + r.slot;
-  bf16* dst = reinterpret_cast<bf16*>(sm.ring + r.slot * SLOT_BYTES);
+  unsigned char* dst = sm.ring + r.slot * SLOT_BYTES;
   mbar_wait(sm.empty + r.slot, r.phase ^ 1u);  // a fresh slot's previous phase counts as done
 #if __CUDA_ARCH__ >= 900
-  if (lane_id() == 0) {
+  if (lane_id() == 0)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                  ::"r"(smem_addr(full)), "r"(rows * width * 2) : "memory");
-    for (int i = 0; i < rows; ++i)
-      asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-          ::"r"(smem_addr(dst + i * WC)), "l"(row(v0 + i) + col), "r"(width * 2),
-          "r"(smem_addr(full)) : "memory");
-  }
+  __syncwarp();
+  for (int i = lane_id(); i < rows; i += 32)
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(smem_addr(dst + i * pitch)), "l"(row(v0 + i) + col), "r"(width * 2),
+        "r"(smem_addr(full)) : "memory");
 #else
   const int n8 = width / 8;
   for (int i = lane_id(); i < rows * n8; i += 32)
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                 ::"r"(smem_addr(dst + (i / n8) * WC + 8 * (i % n8))),
+                 ::"r"(smem_addr(dst + (i / n8) * pitch + 16 * (i % n8))),
                  "l"(row(v0 + i / n8) + col + 8 * (i % n8)) : "memory");
   asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(smem_addr(full)) : "memory");
 #endif
   r.advance();
 }
 
-// consumer warp: the segment of this warp in the next slot, once it has landed
-__device__ __forceinline__ const bf16* consume(const Smem& sm, const Ring& r) {
+// consumer warp: the next slot, once its copies have landed
+__device__ __forceinline__ const unsigned char* consume(const Smem& sm, const Ring& r) {
   mbar_wait(sm.full + r.slot, r.phase);
-  return reinterpret_cast<const bf16*>(sm.ring + r.slot * SLOT_BYTES) + warp_id() * WC;
+  return sm.ring + r.slot * SLOT_BYTES;
 }
 // consumer warp: done reading the slot
 __device__ __forceinline__ void release(const Smem& sm, Ring& r) {
@@ -301,16 +302,38 @@ __device__ __forceinline__ void release(const Smem& sm, Ring& r) {
 }
 
 // ---- matvec: part[v][b] = W_v . xin[b] over K columns ----------------------------------------
-// Work area: xs [B][KC] staged inputs | part [MAX_VROWS][B] outputs | scratch [NWARPS] | rstd [B].
-// xin = src, or RMSNorm(src) * norm_w when norm_w is given. The weights come through the ring in
-// chunks; producer (load_matvec) and consumers (matvec) walk the same chunks in the same order:
-//   for each input chunk [k0, k0 + n) of at most KC columns (staged whole in xs):
-//     for each block of NWARPS output rows v0 .. (warp w takes row v0 + w):
+// xin = src, or RMSNorm(src) * norm_w when norm_w is given. The weights come through the ring;
+// producer (load_matvec) and consumers (matvec) walk the same slots in the same order. Two
+// consumers, chosen by the MMA constexpr (Options.matvec):
+//
+// fma (CUDA cores, fp32 x): a slot holds NWARPS rows x WC columns; warp w takes row v0 + w.
+//   for each input chunk [k0, k0 + n) of at most KC columns (staged whole in xs, fp32):
+//     for each block of NWARPS output rows v0 ..:
 //       for each column slice [j, j + WC) of the input chunk: one slot
+//
+// mma (tensor cores, mma.m16n8k16 bf16 -> fp32): a slot holds MRB = 64 rows x MWC columns, rows
+//   MPITCH bytes apart (padded: ldmatrix without bank conflicts); warp w takes the 16 rows
+//   16 (w % 4) .. and the w / 4-th of the slice's 16-column steps. x enters as two bf16 terms,
+//   x = big + small (|x - big - small| <= 2^-17 |x|), each multiplied into the fp32 accumulators,
+//   so the products carry about fp32 accuracy. The accumulators live across the whole K, so the
+//   summation order does not depend on KC (nor on B: each batch row is its own mma column).
+//   for each block of MRB output rows v0 ..:
+//     for each input chunk [k0, k0 + n) of at most KC columns (staged in xs as bf16 pairs):
+//       for each column slice [j, j + MWC) of the input chunk: one slot
+//
+// Work area: xs [B][KC] (4 bytes an element either way) | part [MAX_VROWS][B] outputs |
+// scratch [NWARPS] | rstd [B] | red (mma: the per-warp accumulators of a row block).
 
 constexpr int XS_FLOATS = B * KC;
 constexpr int PART_FLOATS = MAX_VROWS * B;
 static_assert(KC % 8 == 0, "staged chunks hold whole 8-element groups");
+
+constexpr int MRB = 64;                                       // mma: rows of a slot
+constexpr int MWC = ((SLOT_BYTES / MRB - 16) / 2) / 16 * 16;  // mma: columns of a slice
+constexpr int MPITCH = 2 * MWC + 16;                          // mma: bytes from row to row
+constexpr int MKW = NWARPS / 4;                               // mma: warps across a slice
+constexpr int NB = (B + 7) / 8;                               // mma: 8-column batch tiles
+static_assert(!MMA || (NWARPS % 4 == 0 && MWC >= 16 && KC % 16 == 0), "mma tiles");
 
 // rstd[b] = rsqrt(mean(src[b]^2) + eps) over the whole row of K, in a fixed order
 template <int K>
@@ -328,9 +351,9 @@ __device__ __forceinline__ void rms_rstd(const float* src, float* rstd, float* s
   cta_sync();
 }
 
-// xs[b] = xin[b][k0:k0+n] (src rows of stride ld), in the split layout: of the 8 columns of group
-// g, the first 4 go to xs[b][4g..4g+4) and the last 4 to xs[b][ldx/2 + 4g ..], so the lanes of a
-// warp, taking consecutive groups, read consecutive 16 bytes (no bank conflicts)
+// fma: xs[b] = xin[b][k0:k0+n] (src rows of stride ld), in the split layout: of the 8 columns of
+// group g, the first 4 go to xs[b][4g..4g+4) and the last 4 to xs[b][ldx/2 + 4g ..], so the
+// lanes of a warp, taking consecutive groups, read consecutive 16 bytes (no bank conflicts)
 __device__ __forceinline__ void stage(float* xs, int ldx, const float* src, int ld, int k0, int n,
                                       const float* rstd, const bf16* norm_w) {
   const int n4 = n / 4;
@@ -347,31 +370,79 @@ __device__ __forceinline__ void stage(float* xs, int ldx, const float* src, int 
   }
 }
 
-// producer side of `matvec`: stream the chunks of row(v)[0:K], v < nrows, through the ring
+// a pair of fp32 as (big, small) bf16x2 words: big = bf16(x), small = bf16(x - big)
+__device__ __forceinline__ uint2 split2(float x0, float x1) {
+  const __nv_bfloat162 big = __floats2bfloat162_rn(x0, x1);
+  const float2 fb = __bfloat1622float2(big);
+  const __nv_bfloat162 small = __floats2bfloat162_rn(x0 - fb.x, x1 - fb.y);
+  return make_uint2(*reinterpret_cast<const unsigned*>(&big),
+                    *reinterpret_cast<const unsigned*>(&small));
+}
+
+// mma: xs4[(s * B + b) * 4 + t] = the B-operand words of lane (b % 8, t) at 16-column step s of
+// [k0, k0 + n): {big(x[k], x[k+1]), big(x[k+8], x[k+9]), small(..), small(..)}, k = k0 + 16 s + 2t
+__device__ __forceinline__ void stage_mma(uint4* xs4, const float* src, int ld, int k0, int n,
+                                          const float* rstd, const bf16* norm_w) {
+  for (int i = threadIdx.x; i < n / 16 * B * 4; i += THREADS) {
+    const int t = i % 4, b = i / 4 % B, s = i / (4 * B);
+    const int k = k0 + 16 * s + 2 * t;
+    const float* xr = src + static_cast<size_t>(b) * ld + k;
+    float2 p0 = __ldcg(reinterpret_cast<const float2*>(xr));
+    float2 p8 = __ldcg(reinterpret_cast<const float2*>(xr + 8));
+    if (norm_w != nullptr) {
+      const unsigned w0 = __ldg(reinterpret_cast<const unsigned*>(norm_w + k));
+      const unsigned w8 = __ldg(reinterpret_cast<const unsigned*>(norm_w + k + 8));
+      const float r = rstd[b];
+      p0.x = p0.x * r * bf16_lo(w0); p0.y = p0.y * r * bf16_hi(w0);
+      p8.x = p8.x * r * bf16_lo(w8); p8.y = p8.y * r * bf16_hi(w8);
+    }
+    const uint2 a = split2(p0.x, p0.y), c = split2(p8.x, p8.y);
+    xs4[(s * B + b) * 4 + t] = make_uint4(a.x, c.x, a.y, c.y);
+  }
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                         unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// producer side of `matvec`: stream the slots of row(v)[0:K], v < nrows, through the ring
 template <int K, class Row>
 __device__ __forceinline__ void load_matvec(Row row, int nrows, const Smem& sm, Ring& r) {
   constexpr int CHUNK = K < KC ? K : KC;
-  for (int k0 = 0; k0 < K; k0 += CHUNK) {
-    const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
-    for (int v0 = 0; v0 < nrows; v0 += NWARPS) {
-      const int rows = nrows - v0 < NWARPS ? nrows - v0 : NWARPS;
-      for (int j = 0; j < n; j += WC) produce(sm, r, row, v0, rows, k0 + j, n - j < WC ? n - j : WC);
+  if constexpr (MMA) {
+    for (int v0 = 0; v0 < nrows; v0 += MRB) {
+      const int rows = nrows - v0 < MRB ? nrows - v0 : MRB;
+      for (int k0 = 0; k0 < K; k0 += CHUNK) {
+        const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+        for (int j = 0; j < n; j += MWC)
+          produce(sm, r, row, v0, rows, k0 + j, n - j < MWC ? n - j : MWC, MPITCH);
+      }
+    }
+  } else {
+    for (int k0 = 0; k0 < K; k0 += CHUNK) {
+      const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+      for (int v0 = 0; v0 < nrows; v0 += NWARPS) {
+        const int rows = nrows - v0 < NWARPS ? nrows - v0 : NWARPS;
+        for (int j = 0; j < n; j += WC)
+          produce(sm, r, row, v0, rows, k0 + j, n - j < WC ? n - j : WC, 2 * WC);
+      }
     }
   }
 }
 
-// part[v][b] = row(v)[0:K] . xin[b][0:K] for v < nrows (row: for the producer; the consumers
-// read the ring); returns with part complete and visible to every consumer thread
+// fma consumer (see above)
 template <int K>
-__device__ __forceinline__ void matvec(int nrows, const float* src, int ld, const bf16* norm_w,
-                                       const Smem& sm, Ring& r) {
-  static_assert(K % 8 == 0, "rows of whole 16-byte groups");
+__device__ __forceinline__ void matvec_fma(int nrows, const float* src, int ld,
+                                           const bf16* norm_w, float* rstd, const Smem& sm,
+                                           Ring& r) {
   constexpr int CHUNK = K < KC ? K : KC;
   float* xs = sm.f;
   float* part = xs + XS_FLOATS;
-  float* scratch = part + PART_FLOATS;
-  float* rstd = scratch + NWARPS;
-  if (norm_w != nullptr) rms_rstd<K>(src, rstd, scratch);
   for (int k0 = 0; k0 < K; k0 += CHUNK) {
     const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
     stage(xs, CHUNK, src, ld, k0, n, rstd, norm_w);
@@ -383,7 +454,7 @@ __device__ __forceinline__ void matvec(int nrows, const float* src, int ld, cons
       for (int b = 0; b < B; ++b) acc[b] = 0.f;
       for (int j = 0; j < n; j += WC) {
         const int width = n - j < WC ? n - j : WC;
-        const bf16* seg = consume(sm, r);
+        const bf16* seg = reinterpret_cast<const bf16*>(consume(sm, r)) + warp_id() * WC;
         if (v < nrows) {
 #pragma unroll 4
           for (int k = lane_id() * 8; k < width; k += 32 * 8) {
@@ -405,6 +476,86 @@ __device__ __forceinline__ void matvec(int nrows, const float* src, int ld, cons
     }
     cta_sync();
   }
+}
+
+// mma consumer (see above); red: NWARPS * NB * 128 floats
+template <int K>
+__device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
+                                           const bf16* norm_w, float* rstd, float* red,
+                                           const Smem& sm, Ring& r) {
+  constexpr int CHUNK = K < KC ? K : KC;
+  uint4* xs4 = reinterpret_cast<uint4*>(sm.f);
+  float* part = sm.f + XS_FLOATS;
+  const int rg = warp_id() % 4, kq = warp_id() / 4, g = lane_id() / 4, t = lane_id() % 4;
+  // ldmatrix.x4 row address of this lane: matrix lane / 8 = (rows +0/+8) x (columns +0/+8)
+  const int a_off = (rg * 16 + lane_id() % 8 + (lane_id() / 8) % 2 * 8) * MPITCH + lane_id() / 16 * 16;
+  if (K <= KC) {  // one input chunk: staged once for every row block
+    stage_mma(xs4, src, ld, 0, K, rstd, norm_w);
+    cta_sync();
+  }
+  for (int v0 = 0; v0 < nrows; v0 += MRB) {
+    float acc[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += CHUNK) {
+      const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+      if (K > KC) {
+        stage_mma(xs4, src, ld, k0, n, rstd, norm_w);
+        cta_sync();
+      }
+      for (int j = 0; j < n; j += MWC) {
+        const int steps = (n - j < MWC ? n - j : MWC) / 16, per = (steps + MKW - 1) / MKW;
+        const int s1 = (kq + 1) * per < steps ? (kq + 1) * per : steps;
+        const unsigned slot = smem_addr(consume(sm, r)) + a_off;
+        for (int s = kq * per; s < s1; ++s) {
+          unsigned a[4];
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(slot + 32 * s));
+          const int step = (j / 16 + s) * B;  // 16-column step within the input chunk, times B
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            const int b = nb * 8 + g;
+            const uint4 x = b < B ? xs4[(step + b) * 4 + t] : make_uint4(0, 0, 0, 0);
+            mma_bf16(acc[nb], a, x.x, x.y);  // big
+            mma_bf16(acc[nb], a, x.z, x.w);  // small
+          }
+        }
+        release(sm, r);
+      }
+      if (K > KC) cta_sync();  // every warp is done with xs before the next chunk is staged
+    }
+    // the row block's accumulators, warp by warp; then y[v][b] = the warps' parts in order
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[((warp_id() * NB + nb) * 4 + e) * 32 + lane_id()] = acc[nb][e];
+    cta_sync();
+    const int rows = nrows - v0 < MRB ? nrows - v0 : MRB;
+    for (int i = threadIdx.x; i < rows * B; i += THREADS) {
+      const int v = i / B, b = i % B, m = v % 16, c = b % 8;
+      const int e = m / 8 * 2 + c % 2, lane = m % 8 * 4 + c / 2;
+      float y = 0.f;
+      for (int q = 0; q < MKW; ++q) y += red[(((q * 4 + v / 16) * NB + b / 8) * 4 + e) * 32 + lane];
+      part[(v0 + v) * B + b] = y;
+    }
+    cta_sync();
+  }
+}
+
+// part[v][b] = row(v)[0:K] . xin[b][0:K] for v < nrows (row: for the producer; the consumers
+// read the ring); returns with part complete and visible to every consumer thread
+template <int K>
+__device__ __forceinline__ void matvec(int nrows, const float* src, int ld, const bf16* norm_w,
+                                       const Smem& sm, Ring& r) {
+  static_assert(K % 8 == 0 && (!MMA || K % 16 == 0), "rows of whole 16-byte groups (mma: 32)");
+  float* scratch = sm.f + XS_FLOATS + PART_FLOATS;
+  float* rstd = scratch + NWARPS;
+  float* red = rstd + B;
+  if (norm_w != nullptr) rms_rstd<K>(src, rstd, scratch);
+  if constexpr (MMA)
+    matvec_mma<K>(nrows, src, ld, norm_w, rstd, red, sm, r);
+  else
+    matvec_fma<K>(nrows, src, ld, norm_w, rstd, sm, r);
 }
 
 // ---- split-KV attention of one KV-head group over a key range ---------------------------------

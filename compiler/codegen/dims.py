@@ -2,8 +2,8 @@
 
 The shared-memory plan lives here too, all of it dynamic shared memory (the launcher opts in
 to `smem_bytes`): the weight ring (`stages` slots of `stage_bytes`, Options), one full and one
-empty mbarrier per slot, and a work area of at most `WORK_BYTES` that the instruction bodies
-share: a matvec stages `KC` input columns of all `B` rows and keeps its `MAX_VROWS x B` outputs;
+empty mbarrier per slot, and a work area of at most `work_bytes` (Options) that the instruction
+bodies share: a matvec stages `KC` input columns of all `B` rows and keeps its `MAX_VROWS x B` outputs;
 attention keeps the queries of one KV-head group and the per-warp softmax states of one head.
 The default plan (4 x 32 KiB + 32 KiB) fits an A100's 163 KiB per block as well as an H100's
 227 KiB.
@@ -20,7 +20,6 @@ from compiler.codegen.emit import Emitter
 from compiler.ir.fused import FusedGraph, Kind
 from compiler.schedule.schedule import Schedule
 
-WORK_BYTES = 32 * 1024  # the consumers' work area
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may opt in to (sm_90; sm_80: 163 KiB)
 
 
@@ -56,6 +55,8 @@ class KernelDims:
     sm_count: int
     stages: int
     stage_bytes: int
+    work_bytes: int
+    mma: bool  # tensor-core matvec consumer (Options.matvec == "mma")
     qkv_tile: int  # rows of the widest QKV task
     row_tile: int  # rows of the widest o-proj / gate-up / down-partial task
     lm_rows: int  # vocab rows of one LM-head tile (CV)
@@ -81,8 +82,13 @@ class KernelDims:
         return self.group * self.head_dim + self.nwarps * (self.head_dim + 2)
 
     @property
+    def red_floats(self) -> int:  # mma: the per-warp accumulators of a row block
+        return self.nwarps * -(-self.batch // 8) * 128 if self.mma else 0
+
+    @property
     def matvec_smem_floats(self) -> int:
-        return self.batch * self.kc + self.max_vrows * self.batch + self.nwarps + self.batch
+        b = self.batch
+        return b * self.kc + self.max_vrows * b + self.nwarps + b + self.red_floats
 
     @property
     def smem_floats(self) -> int:  # the work area, in floats
@@ -96,6 +102,11 @@ class KernelDims:
     @property
     def smem_bytes(self) -> int:  # dynamic shared memory of a CTA: ring, barriers, work area
         return self.stages * self.stage_bytes + 16 * self.stages + 4 * self.smem_floats
+
+
+def mma_slice(stage_bytes: int) -> int:
+    """Columns of one mma slot slice (amk.cuh MWC): 64 rows, each padded by 16 bytes."""
+    return ((stage_bytes // 64 - 16) // 2) // 16 * 16
 
 
 def _widest(sched: Schedule, kind: Kind) -> int:
@@ -117,8 +128,13 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
     widest_k = max(
         int(fg.dim("hidden")), int(fg.dim("heads")) * d, int(fg.dim("intermediate")) // bound["KS"]
     )
-    free = WORK_BYTES // 4 - max_vrows * b - nwarps - b
-    kc = min(widest_k, free // b // 8 * 8)
+    mma = o.matvec == "mma"
+    red = nwarps * -(-b // 8) * 128 if mma else 0
+    free = o.work_bytes // 4 - max_vrows * b - nwarps - b - red
+    # mma: a chunk shorter than the widest K is whole slices, so the slices (and the summation
+    # order) are the same whatever the chunk
+    unit = mma_slice(o.stage_bytes) if mma else 8
+    kc = widest_k if free // b >= widest_k else free // b // unit * unit
     if kc < 8:
         raise CodegenError(
             f"batch {b} leaves no shared memory to stage matvec inputs ({max_vrows} output rows)"
@@ -146,6 +162,8 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
         sm_count=o.sm_count,
         stages=o.stages,
         stage_bytes=o.stage_bytes,
+        work_bytes=o.work_bytes,
+        mma=mma,
         qkv_tile=qkv,
         row_tile=max(rows, gate_up, down),
         lm_rows=lm_rows,
@@ -176,8 +194,8 @@ def _check(d: KernelDims) -> None:
         ),
         (d.heads % d.kv_heads == 0, "heads must be a multiple of kv_heads"),
         (
-            d.smem_floats * 4 <= WORK_BYTES,
-            f"shared work area {d.smem_floats * 4} B exceeds {WORK_BYTES} B",
+            d.smem_floats * 4 <= d.work_bytes,
+            f"shared work area {d.smem_floats * 4} B exceeds work_bytes {d.work_bytes} B",
         ),
         (
             d.stage_bytes % (16 * d.nwarps) == 0,
@@ -194,6 +212,18 @@ def _check(d: KernelDims) -> None:
         ),
         (len(d.inv_freq) == d.head_dim // 2, "rope_inv_freq must have head_dim/2 values"),
         (32 <= d.threads <= 992, "1 to 31 consumer warps"),
+        (
+            not d.mma or (d.nwarps % 4 == 0 and mma_slice(d.stage_bytes) >= 16),
+            "matvec=mma needs a multiple of 4 consumer warps and slots of at least 64 x 48 B",
+        ),
+        (
+            not d.mma
+            or all(
+                k % 16 == 0
+                for k in (d.hidden, d.heads * d.head_dim, d.intermediate // d.down_splits)
+            ),
+            "matvec=mma needs every matvec K (hidden, heads x head_dim, down chunk) % 16 == 0",
+        ),
     ]
     for ok, why in need:
         if not ok:
@@ -241,6 +271,9 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     const("NWARPS", "THREADS / 32", "consumer warps per CTA")
     const("STAGES", d.stages, "slots of the shared-memory weight ring")
     const("SLOT_BYTES", d.stage_bytes, "bytes of one slot")
+    const(
+        "MMA", "true" if d.mma else "false", "matvec on tensor cores (else CUDA-core FMA)", "bool"
+    )
     const("QKV_TILE", d.qkv_tile, "rows of the widest QKV task")
     const("ROW_TILE", d.row_tile, "rows of the widest o-proj/gate-up/down task")
     const("EMBED_COLS", d.embed_cols, "columns of the widest EMBED task")

@@ -41,13 +41,19 @@ from compiler.spec import ShapeTemplate
 
 SCHEDULE_VERSION = 1
 POLICIES = ("round_robin", "balanced")
-# defaults that differ by target: an A100 has 108 SMs and 163 KiB of shared memory per block
-# (room for 4 ring slots); an H100/H200 has 132 SMs and 227 KiB (6 slots, measured 2% faster
-# than 4 on llama-2-7b, compiler/runtime/NOTES.md)
-ARCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "sm_80": {"sm_count": 108, "stages": 4},
-    "sm_90a": {"sm_count": 132, "stages": 6},
+MATVECS = ("fma", "mma")  # matvec consumers: CUDA-core FMA (fp32 x) or tensor-core mma
+# defaults that differ by target (compiler/runtime/NOTES.md has the measurements): an A100 has
+# 108 SMs and 163 KiB of shared memory per block, an H100/H200 132 SMs and 227 KiB. Batch 1-7:
+# the CUDA-core matvec with a deep weight ring (6 slots measured 2% faster than 4 on
+# llama-2-7b, H200); batch 8 and up: the tensor-core matvec, with a larger work area to stage
+# the batch's inputs (llama-2-7b b16: 17 ms against 82 ms for the CUDA-core matvec, H200).
+ARCH_DEFAULTS: dict[str, dict[str, int]] = {"sm_80": {"sm_count": 108}, "sm_90a": {"sm_count": 132}}
+SMALL_BATCH: dict[str, dict[str, Any]] = {"sm_80": {"stages": 4}, "sm_90a": {"stages": 6}}
+LARGE_BATCH: dict[str, dict[str, Any]] = {
+    "sm_80": {"matvec": "mma", "stages": 2, "work_bytes": 96 * 1024},
+    "sm_90a": {"matvec": "mma", "stages": 3, "work_bytes": 128 * 1024},
 }
+MMA_BATCH = 8  # the smallest batch that defaults to the tensor-core matvec
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Options:
     threads: int = 256  # consumer threads per CTA (the CTA has one more warp: the producer)
     stages: int = 4  # slots of the shared-memory weight ring
     stage_bytes: int = 32768  # bytes of one slot: a multiple of 16 x the consumer warps
+    work_bytes: int = 32768  # the consumers' shared work area (staged inputs, outputs)
     qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
     row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
     lm_head_rows: int = (
@@ -67,25 +74,30 @@ class Options:
     down_splits: int = 4  # KS: split-K chunks of the down projection
     embed_cols: int = 1024  # columns of x per EMBED task, a multiple of 8 (16-byte rows)
     policy: str = "round_robin"  # queue assignment: round_robin | balanced
+    matvec: str = "fma"  # matvec consumer (compiler/codegen/amk.cuh): fma | mma
 
     def __post_init__(self) -> None:
+        choices = {"policy": POLICIES, "matvec": MATVECS}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name != "policy" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            if f.name in choices:
+                if v not in choices[f.name]:
+                    raise ValueError(
+                        f"option {f.name} must be one of {', '.join(choices[f.name])}, got {v!r}"
+                    )
+            elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"option {f.name} must be a positive integer, got {v!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(
-                f"option policy must be one of {', '.join(POLICIES)}, got {self.policy!r}"
-            )
         if self.embed_cols % 8:
             raise ValueError(f"option embed_cols must be a multiple of 8, got {self.embed_cols}")
         if self.threads % 32:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
 
     @classmethod
-    def for_arch(cls, arch: str, **values: Any) -> Options:
-        """The defaults for `arch` (ARCH_DEFAULTS), with `values` on top."""
-        return cls(**(ARCH_DEFAULTS.get(arch, {}) | values))
+    def for_target(cls, arch: str, batch: int, **values: Any) -> Options:
+        """The defaults for `arch` and `batch` (ARCH_DEFAULTS, SMALL_BATCH, LARGE_BATCH), with
+        `values` on top."""
+        by_batch = LARGE_BATCH if batch >= MMA_BATCH else SMALL_BATCH
+        return cls(**(ARCH_DEFAULTS.get(arch, {}) | by_batch.get(arch, {}) | values))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
