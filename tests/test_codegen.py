@@ -269,7 +269,12 @@ def test_mma_input_chunks_are_whole_slices():
     d = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), opts))
     assert d.kc < 4096 and d.kc % mma_slice(opts.stage_bytes) == 0
     with pytest.raises(CodegenError, match="multiple of 4 consumer warps"):
-        kernel_dims(fg, chain_schedule(fg, ShapeTemplate(1, 64), Options(matvec="mma", threads=192)))
+        kernel_dims(
+            fg,
+            chain_schedule(
+                fg, ShapeTemplate(1, 64), Options(matvec="mma", threads=192, stage_bytes=28800)
+            ),
+        )
 
 
 def test_smem_plan_refuses_rings_that_do_not_fit():
