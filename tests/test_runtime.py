@@ -135,7 +135,7 @@ def test_margin_is_the_closest_call_over_the_rows():
 def test_forced_check_accepts_the_cpu_kernel_and_catches_a_wrong_token(artifacts, batch):
     s = Session(artifacts[batch], synthetic_seed=0, device="cpu")
     r = forced_check(s, PROMPTS[:batch], 3)
-    assert r.ok and r.steps == 3 * batch and r.agree + r.ties == r.steps
+    assert r.ok and r.steps == 3 * batch and r.agree + r.ties + r.near == r.steps
 
     real = s.decode
 
@@ -145,7 +145,7 @@ def test_forced_check_accepts_the_cpu_kernel_and_catches_a_wrong_token(artifacts
         return toks
 
     s.decode = off_by_one  # type: ignore[method-assign]
-    assert forced_check(s, PROMPTS[:batch], 3).wrong == ((2, 0),)
+    assert forced_check(s, PROMPTS[:batch], 3, near=0.0).wrong == ((2, 0),)
 
 
 def test_session_refuses_bad_prompts_and_decode_before_prefill(artifacts):

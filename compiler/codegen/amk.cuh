@@ -269,6 +269,9 @@ __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0
   unsigned char* dst = sm.ring + r.slot * SLOT_BYTES;
   mbar_wait(sm.empty + r.slot, r.phase ^ 1u);  // a fresh slot's previous phase counts as done
 #if __CUDA_ARCH__ >= 900
+  // the consumers' reads of the slot (generic proxy), acquired through empty[slot], come before
+  // the copy engine's writes (async proxy)
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   if (lane_id() == 0)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                  ::"r"(smem_addr(full)), "r"(rows * width * 2) : "memory");

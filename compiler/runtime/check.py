@@ -4,10 +4,12 @@
   the same weights: are the greedy tokens identical? At the first difference, how close to a
   tie was the reference's choice (a flipped near-tie is rounding, a clear winner lost is a bug)?
 * `forced_check`: the kernel's greedy tokens step by step against the bf16 reference fed the
-  kernel's own tokens (teacher-forced): each step must pick the reference's argmax, or, where the
-  bf16 logits tie exactly (common: at batch 4 over 33 steps of llama-2-7b every random prompt
-  tried had one), one of the tied tokens; so a long run is checked whole, not only up to the
-  first near-tie.
+  kernel's own tokens (teacher-forced), so a long run is checked whole, not only up to the first
+  tie: each choice is the reference's argmax, or one of its exactly tied maxima (bf16 logits tie
+  often: at batch 4 over 33 steps of llama-2-7b every random prompt tried had a tie), or a token
+  whose reference logit is within NEAR of the maximum (relative): the bf16 reference is itself
+  only that accurate (its logits are 1e-2 from a float32 reference's, the kernel's 2e-4), so
+  such a choice is a near-tie, not a kernel error; anything else is wrong.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def margin(logits: Tensor) -> float:
     return float(((top[:, 0] - top[:, 1]) / top[:, 0].abs().clamp(min=1e-6)).min())
 
 
+NEAR = 1e-2  # forced_check: a near-tie of the bf16 reference (relative to its maximum)
+
+
 @dataclass(frozen=True)
 class ForcedCheck:
     """Kernel steps against the teacher-forced bf16 reference."""
@@ -50,6 +55,8 @@ class ForcedCheck:
     steps: int  # choices compared (B x n)
     agree: int  # the kernel chose the reference's unique argmax
     ties: int  # the bf16 logits tied exactly and the kernel chose one of the tied tokens
+    near: int  # the kernel's token is within NEAR of the reference's maximum
+    largest_gap: float  # the largest (max - logit[token]) / |max| over the near choices
     wrong: tuple[tuple[int, int], ...]  # (step, batch row) where it chose anything else
 
     @property
@@ -58,9 +65,11 @@ class ForcedCheck:
 
 
 @torch.no_grad()
-def forced_check(session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int) -> ForcedCheck:
+def forced_check(
+    session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int, near: float = NEAR
+) -> ForcedCheck:
     """n kernel steps (one launch per token) checked step by step against the bf16 reference
-    run on the same tokens (see the module docstring)."""
+    run on the same tokens (see the module docstring; `near`: the near-tie tolerance)."""
     p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
     first = session.prefill(p)
     toks = session.decode(n)  # [n, B]
@@ -68,22 +77,27 @@ def forced_check(session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: 
     ks, vs = ref.empty_cache(p.shape[0], session.device)
     _, ks, vs = ref(p, torch.tensor(0, device=session.device), ks, vs)
     fed, pos = first, p.shape[1]
-    agree = ties = 0
+    agree = ties = near = 0
+    largest = 0.0
     wrong = []
     for i in range(n):
         logits, ks, vs = ref(fed[:, None], torch.tensor(pos, device=session.device), ks, vs)
         last = logits[:, 0]
-        best = last == last.max(dim=-1, keepdim=True).values  # [B, V]: the tied maxima
+        top = last.max(dim=-1, keepdim=True).values
+        best = last == top  # [B, V]: the tied maxima
         for b in range(p.shape[0]):
             tok = int(toks[i, b])
-            if not bool(best[b, tok]):
-                wrong.append((i, b))
-            elif int(best[b].sum()) > 1:
-                ties += 1
+            gap = float(
+                (top[b, 0] - last[b, tok]).float() / top[b, 0].float().abs().clamp(min=1e-6)
+            )
+            if bool(best[b, tok]):
+                ties, agree = (ties + 1, agree) if int(best[b].sum()) > 1 else (ties, agree + 1)
+            elif gap <= near:
+                near, largest = near + 1, max(largest, gap)
             else:
-                agree += 1
+                wrong.append((i, b))
         fed, pos = toks[i], pos + 1
-    return ForcedCheck(n * p.shape[0], agree, ties, tuple(wrong))
+    return ForcedCheck(n * p.shape[0], agree, ties, near, largest, tuple(wrong))
 
 
 def _rel(a: Tensor, b: Tensor) -> float:

@@ -65,6 +65,8 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
             "forced_ok": forced.ok,
             "forced_agree": forced.agree,
             "forced_ties": forced.ties,
+            "forced_near": forced.near,
+            "forced_largest_near_gap": forced.largest_gap,
             "forced_wrong": list(forced.wrong),
             "forced_wrong_n": len(forced.wrong),
             "first_mismatch": r.first_mismatch,
@@ -83,14 +85,16 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
         torch.cuda.empty_cache()
     print(
         "| model | template | 32 tokens identical | first mismatch (ref margin) | "
-        "teacher-forced: same argmax / exact bf16 tie / wrong | logits rel err vs bf16 | "
+        "teacher-forced: same argmax / exact bf16 tie / near-tie (largest gap) / wrong | "
+        "logits rel err vs bf16 | "
         "vs float32 (4 teacher-forced steps) | "
         "1 launch == per-token | ms/token (1/launch, host timed) | ms/token (32/launch) |"
     )
     for w in rows:
         mm = "-" if w["identical"] else f"{w['first_mismatch']} ({w['ref_margin_at_mismatch']:.1e})"
         print(f"| {w['model']} | {w['template']} | {w['identical']} | {mm} | "
-              f"{w['forced_agree']} / {w['forced_ties']} / {w['forced_wrong_n']} | "
+              f"{w['forced_agree']} / {w['forced_ties']} / {w['forced_near']} "
+              f"({w['forced_largest_near_gap']:.1e}) / {w['forced_wrong_n']} | "
               f"{w['logits_rel_err_vs_bf16']:.1e} | "
               f"{w['float32_rel_err_max']:.1e} | {w['multi_launch_bitwise_same']} | "
               f"{w['ms_per_token_1_per_launch']:.3f} | {w['ms_per_token_all_in_one']:.3f} |")  # fmt: skip

@@ -46,12 +46,14 @@ MATVECS = ("fma", "mma")  # matvec consumers: CUDA-core FMA (fp32 x) or tensor-c
 # 108 SMs and 163 KiB of shared memory per block, an H100/H200 132 SMs and 227 KiB. Batch 1-7:
 # the CUDA-core matvec with a deep weight ring (6 slots measured 2% faster than 4 on
 # llama-2-7b, H200); batch 8 and up: the tensor-core matvec, with a larger work area to stage
-# the batch's inputs (llama-2-7b b16: 17 ms against 82 ms for the CUDA-core matvec, H200).
+# the batch's inputs, and larger slots (its slots hold 64 short row segments, one bulk copy
+# each; llama-2-7b b16 on an H200: 82 ms CUDA-core, 17.5 ms mma with 3 x 32 KiB slots, 14.5 ms
+# with 2 x 64 KiB).
 ARCH_DEFAULTS: dict[str, dict[str, int]] = {"sm_80": {"sm_count": 108}, "sm_90a": {"sm_count": 132}}
 SMALL_BATCH: dict[str, dict[str, Any]] = {"sm_80": {"stages": 4}, "sm_90a": {"stages": 6}}
 LARGE_BATCH: dict[str, dict[str, Any]] = {
     "sm_80": {"matvec": "mma", "stages": 2, "work_bytes": 96 * 1024},
-    "sm_90a": {"matvec": "mma", "stages": 3, "work_bytes": 128 * 1024},
+    "sm_90a": {"matvec": "mma", "stages": 2, "stage_bytes": 64 * 1024, "work_bytes": 96 * 1024},
 }
 MMA_BATCH = 8  # the smallest batch that defaults to the tensor-core matvec
 
