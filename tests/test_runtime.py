@@ -26,7 +26,13 @@ from compiler.codegen.params import params_layout
 from compiler.pipeline import compile_model
 from compiler.reference import Reference
 from compiler.runtime.bench import StaticCacheStep
-from compiler.runtime.check import float32_check, forced_check, greedy_check, margin
+from compiler.runtime.check import (
+    float32_check,
+    float32_choices,
+    forced_check,
+    greedy_check,
+    margin,
+)
 from compiler.runtime.launch import pack_params
 from compiler.runtime.session import Session
 from compiler.spec import ShapeTemplate
@@ -123,6 +129,13 @@ def test_cpu_session_logits_match_float32_reference(artifacts):
     errs = float32_check(s, PROMPTS[:1], 4)
     assert errs[0] < 1e-5  # first step: the same caches, the interpreter is float64
     assert max(errs) < FLOAT32_REL_TOL
+
+
+def test_float32_choices_of_the_cpu_kernel_are_the_float32_argmax(artifacts):
+    s = Session(artifacts[4], synthetic_seed=0, device="cpu")
+    r = float32_choices(s, PROMPTS[:4], 3)
+    assert r.steps == 12 and r.same + len(r.differ) == 12
+    assert all(gap < 1e-2 for _, _, gap in r.differ)  # float64 kernel: at most a near-tie
 
 
 def test_margin_is_the_closest_call_over_the_rows():

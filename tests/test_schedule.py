@@ -326,6 +326,7 @@ def test_options_hash_differs_per_option() -> None:
         f.name: getattr(base, f.name) * 2 for f in dataclasses.fields(Options)
     }
     changed["policy"] = "balanced"
+    changed["matvec"] = "mma"
     hashes = {base.hash()} | {
         Options(**(base.to_json() | {k: v})).hash() for k, v in changed.items()
     }

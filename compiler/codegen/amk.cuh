@@ -182,7 +182,8 @@ __device__ __forceinline__ void signal_task(u64* counters, const Task& t) {
 // ---- shared memory: the weight ring, its barriers, the consumers' work area ------------------
 // Dynamic shared memory, SMEM_BYTES: STAGES slots of SLOT_BYTES (weights in flight), a full and
 // an empty mbarrier per slot, then SMEM_FLOATS floats of work area (staged matvec inputs and
-// outputs, attention state). A slot holds up to NWARPS row segments of WC bf16 columns each.
+// outputs, attention state). A slot holds weight row segments: NWARPS of WC bf16 columns (fma)
+// or MRB of MWC columns, MPITCH bytes apart (mma); see the matvec section.
 
 constexpr int WC = SLOT_BYTES / 2 / NWARPS;  // columns of one row segment in a slot
 constexpr int SMEM_BYTES = STAGES * SLOT_BYTES + 16 * STAGES + 4 * SMEM_FLOATS;

@@ -3,10 +3,11 @@
 The shared-memory plan lives here too, all of it dynamic shared memory (the launcher opts in
 to `smem_bytes`): the weight ring (`stages` slots of `stage_bytes`, Options), one full and one
 empty mbarrier per slot, and a work area of at most `work_bytes` (Options) that the instruction
-bodies share: a matvec stages `KC` input columns of all `B` rows and keeps its `MAX_VROWS x B` outputs;
-attention keeps the queries of one KV-head group and the per-warp softmax states of one head.
-The default plan (4 x 32 KiB + 32 KiB) fits an A100's 163 KiB per block as well as an H100's
-227 KiB.
+bodies share: a matvec stages `KC` input columns of all `B` rows and keeps its `MAX_VROWS x B`
+outputs; attention keeps the queries of one KV-head group and the per-warp softmax states of one
+head. `Options.for_target` picks plans that fit the target's opt-in limit per block (sm_80:
+163 KiB, sm_90a: 227 KiB); `kernel_dims` refuses one over 227 KiB, the launcher one over the
+device's own limit.
 """
 
 from __future__ import annotations

@@ -133,6 +133,56 @@ def greedy_check(
     )
 
 
+def _reference32(session: Session) -> Reference:
+    """A float32 Reference holding the session's (bf16-valued) weights."""
+    # meta first (no init), then storage; weights copied one at a time (no second full copy)
+    ref32 = Reference(session.spec, session.max_seq, dtype=torch.float32, device="meta")
+    ref32 = ref32.to_empty(device=session.device)
+    ref32.inv_freq = session.model.inv_freq.clone()
+    src = dict(session.model.named_parameters())
+    for name, p32 in ref32.named_parameters():
+        p32.copy_(src[name])
+    return ref32
+
+
+@dataclass(frozen=True)
+class Float32Choices:
+    """The kernel's greedy choices against a teacher-forced float32 reference."""
+
+    steps: int  # choices compared (B x n)
+    same: int  # the kernel chose the float32 argmax
+    differ: tuple[tuple[int, int, float], ...]  # (step, row, float32 gap / rms of the logits)
+
+
+@torch.no_grad()
+def float32_choices(
+    session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int
+) -> Float32Choices:
+    """n kernel steps; at each, is the kernel's token the argmax of a float32 reference that
+    starts from the caches the prefill left in the kernel and is fed the kernel's tokens? Where
+    not, the float32 gap between its maximum and the kernel's token, over the RMS of its logits
+    (the kernel's logits are about 2e-4 of that RMS from the float32 reference's)."""
+    p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
+    first = session.prefill(p)
+    ref32 = _reference32(session)
+    kc, vc = session.caches()
+    ks, vs = [c.float() for c in kc], [c.float() for c in vc]
+    toks = session.decode(n)  # [n, B]
+    fed, pos, same, differ = first, p.shape[1], 0, []
+    for i in range(n):
+        logits, ks, vs = ref32(fed[:, None], torch.tensor(pos, device=session.device), ks, vs)
+        last = logits[:, 0]
+        rms = last.pow(2).mean(dim=-1).sqrt()
+        for b in range(p.shape[0]):
+            tok = int(toks[i, b])
+            if int(last[b].argmax()) == tok:
+                same += 1
+            else:
+                differ.append((i, b, float((last[b].max() - last[b, tok]) / rms[b])))
+        fed, pos = toks[i], pos + 1
+    return Float32Choices(n * p.shape[0], same, tuple(differ))
+
+
 @torch.no_grad()
 def float32_check(
     session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int
@@ -142,16 +192,9 @@ def float32_check(
     The float32 Reference holds the session's (bf16-valued) weights, starts from the caches the
     prefill left in the kernel, and embeds the kernel's own token at every step.
     """
-    spec = session.spec
     p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
     session.prefill(p)
-    # meta first (no init), then storage; weights copied one at a time (no second full copy)
-    ref32 = Reference(spec, session.max_seq, dtype=torch.float32, device="meta")
-    ref32 = ref32.to_empty(device=session.device)
-    ref32.inv_freq = session.model.inv_freq.clone()
-    src = dict(session.model.named_parameters())
-    for name, p32 in ref32.named_parameters():
-        p32.copy_(src[name])
+    ref32 = _reference32(session)
     kc, vc = session.caches()
     ks, vs = [c.float() for c in kc], [c.float() for c in vc]
     errs = []

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from compiler.runtime.check import float32_check, forced_check, greedy_check
+from compiler.runtime.check import float32_check, float32_choices, forced_check, greedy_check
 from compiler.runtime.session import Session
 
 
@@ -57,6 +57,7 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
         )
         f32 = float32_check(s, prompt, 4)
         forced = forced_check(s, prompt, steps)
+        f32_choices = float32_choices(s, prompt, steps)
         row = {
             "float32_rel_err_max": max(f32),
             "model": s.spec.name,
@@ -69,6 +70,8 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
             "forced_largest_near_gap": forced.largest_gap,
             "forced_wrong": list(forced.wrong),
             "forced_wrong_n": len(forced.wrong),
+            "float32_same": f32_choices.same,
+            "float32_differ": [list(d) for d in f32_choices.differ],
             "first_mismatch": r.first_mismatch,
             "ref_margin_at_mismatch": r.ref_margin,
             "logits_rel_err_vs_bf16": r.logits_rel_err,
