@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks behind BENCHMARKS.md, in two halves:
+#
+#   bash compiler/runtime/device_check.sh build out     here: compile the artifacts into out/
+#   bash compiler/runtime/device_check.sh run out LOGS  on the GPU machine: check, then time
+#
+# `build` needs only the package and nvcc; `run` needs a Hopper GPU, CuPy and compute-sanitizer
+# (run from the repository root with PYTHONPATH=. where the package is not installed). `run`
+# writes every log under LOGS and prints the short tables last. Artifacts (sm_90a):
+#   tiny-b1, tiny-b4            tiny-llama, default options (CUDA-core matvec): the gpu tests
+#   mma/tiny-b1, mma/tiny-b4    the same with the tensor-core matvec
+#   1b, 7b                      llama-3.2-1b, llama-2-7b at b1-s4096 (the benchmark)
+#   1b-b16, 7b-b16              the same at b16-s1024 (defaults: tensor-core matvec)
+#   1b-b4, 7b-b4                b4-s2048, for the batch-4 token checks
+set -euo pipefail
+
+build() {
+    local out=$1
+    mkdir -p "$out/mma"
+    c() {
+        local name=$1
+        shift
+        rm -rf "${out:?}/$name"
+        amk-farm compile "$@" --arch sm_90a -o "$out/$name" >/dev/null
+        echo "built $out/$name"
+    }
+    c tiny-b1 tiny-llama -t b1-s64
+    c tiny-b4 tiny-llama -t b4-s64
+    c mma/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma
+    c mma/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma
+    for m in 1b:llama-3.2-1b 7b:llama-2-7b; do
+        c "${m%%:*}" "${m#*:}" -t b1-s4096
+        c "${m%%:*}-b16" "${m#*:}" -t b16-s1024
+        c "${m%%:*}-b4" "${m#*:}" -t b4-s2048
+    done
+}
+
+run() {
+    local out=$1 logs=$2
+    mkdir -p "$logs"
+    export PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    for d in "$out" "$out/mma"; do
+        echo "gpu tests, $d: $(AMK_TEST_ARTIFACTS=$d timeout 120 python3 -m pytest -q -m gpu \
+            tests/test_runtime.py -p no:cacheprovider 2>&1 | tail -1)"
+    done
+    for a in "$out/tiny-b1" "$out/mma/tiny-b4"; do
+        for tool in memcheck racecheck; do
+            local log="$logs/$tool-${a//\//_}.log"
+            timeout 120 compute-sanitizer --tool "$tool" --print-limit 4 \
+                python3 -m compiler.runtime.smoke decode "$a" 2 >"$log" 2>&1 || true
+            echo "$tool $a: $(tail -1 "$log")"
+        done
+    done
+    timeout 300 python3 -m compiler.runtime.smoke correct "$out/1b" "$out/1b-b4" "$out/7b" \
+        "$out/7b-b4" >"$logs/correct.log" 2>&1 || true
+    for m in 1b 7b; do
+        timeout 300 python3 -m compiler.runtime.smoke bench "$out/$m" --batch16 "$out/$m-b16" \
+            --out "$logs/bench-$m.json" >"$logs/bench-$m.log" 2>&1 || true
+    done
+    grep '^|' "$logs/correct.log" || tail -3 "$logs/correct.log"
+    for m in 1b 7b; do tail -6 "$logs/bench-$m.log"; done
+}
+
+case "${1:-}" in
+build) build "${2:?usage: device_check.sh build OUT}" ;;
+run) run "${2:?usage: device_check.sh run OUT LOGS}" "${3:?usage: device_check.sh run OUT LOGS}" ;;
+*)
+    echo "usage: device_check.sh build OUT | run OUT LOGS" >&2
+    exit 2
+    ;;
+esac
