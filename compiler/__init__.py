@@ -3,7 +3,9 @@
 import hashlib
 from pathlib import Path
 
-__version__ = "0.1.0"
+# major.minor changes with the kernel's launch interface, which the runtime checks before a launch
+# (0.2: a producer warp beside the consumers, and all shared memory dynamic)
+__version__ = "0.2.0"
 
 
 def source_digest() -> str:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from amk_farm import catalog
 from amk_farm.cli import app
-from compiler.artifact import read_manifest
+from compiler.artifact import ArtifactError, read_manifest
 from compiler.codegen.dims import kernel_dims
 from compiler.codegen.params import params_layout
 from compiler.pipeline import compile_model
@@ -159,6 +159,19 @@ def test_forced_check_accepts_the_cpu_kernel_and_catches_a_wrong_token(artifacts
 
     s.decode = off_by_one  # type: ignore[method-assign]
     assert forced_check(s, PROMPTS[:batch], 3, near=0.0).wrong == ((2, 0),)
+
+
+def test_session_refuses_an_artifact_of_another_launch_interface(artifacts, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(artifacts[1], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["compiler_version"] = "0.1.0"  # kernels without the producer warp
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"compiled by amk-farm 0\.1\.0.*recompile it"):
+        Session(old, synthetic_seed=0, device="cpu")
 
 
 def test_session_refuses_bad_prompts_and_decode_before_prefill(artifacts):

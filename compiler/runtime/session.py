@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from compiler import __version__
 from compiler.artifact import ArtifactError, check_files, read_manifest
 from compiler.codegen.dims import kernel_dims
 from compiler.codegen.params import params_layout
@@ -42,6 +43,11 @@ DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "i64": torch.int64, "u64
 # compute capability a cubin of each arch runs on (an sm_XY cubin runs on X.Y and later X.*;
 # the "a" targets only on exactly X.Y)
 ARCH_CAPABILITY = {"sm_80": ((8, 0), False), "sm_90a": ((9, 0), True)}
+
+
+def _launch_interface(version: str) -> str:
+    """major.minor of a compiler version: what the kernel's launch interface depends on."""
+    return ".".join(version.split(".")[:2])
 
 
 def _check_device(arch: str, device: int) -> None:
@@ -94,6 +100,11 @@ class Session:
         d = Path(artifact_dir)
         self.manifest = read_manifest(d)
         check_files(d, self.manifest)
+        if _launch_interface(self.manifest.compiler_version) != _launch_interface(__version__):
+            raise ArtifactError(
+                f"{d}: compiled by amk-farm {self.manifest.compiler_version}, whose kernel this "
+                f"runtime ({__version__}) cannot launch; recompile it"
+            )
         self.spec = ModelSpec.from_json(self.manifest.spec)
         self.fused = FusedGraph.loads((d / "fused.json").read_text())
         self.schedule = Schedule.loads((d / "schedule.json").read_text())
