@@ -268,7 +268,7 @@ def test_mma_input_chunks_are_whole_slices():
     opts = Options(matvec="mma", work_bytes=64 * 1024)
     d = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), opts))
     assert d.kc < 4096 and d.kc % mma_slice(opts.stage_bytes) == 0
-    with pytest.raises(CodegenError, match="multiple of 4 consumer warps"):
+    with pytest.raises(CodegenError, match="a multiple of mma_rows / 16"):
         kernel_dims(
             fg,
             chain_schedule(
@@ -404,10 +404,11 @@ def test_batch_16_compiles_without_spills_with_each_arch_defaults(tmp_path, arch
 
 
 @needs_nvcc
-def test_tiny_mma_compiles_for_both_archs_without_spills(tmp_path):
-    fg, sched, cu = case("tiny-llama", "b4-s64", matvec="mma")
+@pytest.mark.parametrize("rows", [16, 32, 64])
+def test_tiny_mma_compiles_for_both_archs_without_spills(tmp_path, rows):
+    fg, sched, cu = case("tiny-llama", "b4-s64", matvec="mma", mma_rows=rows)
     d = kernel_dims(fg, sched)
-    assert d.mma and "constexpr bool MMA = true;" in cu
+    assert d.mma and "constexpr bool MMA = true;" in cu and f"MMA_ROWS = {rows};" in cu
     check_compiled(compile_both(tmp_path, "tiny-mma", cu), d)
 
 

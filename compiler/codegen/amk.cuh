@@ -315,9 +315,11 @@ __device__ __forceinline__ void release(const Smem& sm, Ring& r) {
 //     for each block of NWARPS output rows v0 ..:
 //       for each column slice [j, j + WC) of the input chunk: one slot
 //
-// mma (tensor cores, mma.m16n8k16 bf16 -> fp32): a slot holds MRB = 64 rows x MWC columns, rows
-//   MPITCH bytes apart (padded: ldmatrix without bank conflicts); warp w takes the 16 rows
-//   16 (w % 4) .. and the w / 4-th of the slice's 16-column steps. x enters as two bf16 terms,
+// mma (tensor cores, mma.m16n8k16 bf16 -> fp32): a slot holds MRB = MMA_ROWS rows (RG groups
+//   of 16) x MWC columns, rows MPITCH bytes apart (padded: ldmatrix without bank conflicts);
+//   warp w takes the 16 rows 16 (w % RG) .. and the (w / RG)-th of the slice's 16-column steps
+//   (fewer rows a slot: longer row segments, so fewer and larger copies, but a cross-warp sum
+//   for every 16 rows). x enters as two bf16 terms,
 //   x = big + small (|x - big - small| <= 2^-17 |x|), each multiplied into the fp32 accumulators,
 //   so the products carry about fp32 accuracy. The accumulators live across the whole K, so the
 //   summation order does not depend on KC (nor on B: each batch row is its own mma column).
@@ -332,12 +334,14 @@ constexpr int XS_FLOATS = B * KC;
 constexpr int PART_FLOATS = MAX_VROWS * B;
 static_assert(KC % 8 == 0, "staged chunks hold whole 8-element groups");
 
-constexpr int MRB = 64;                                       // mma: rows of a slot
+constexpr int MRB = MMA_ROWS;                                 // mma: rows of a slot
+constexpr int RG = MRB / 16;                                  // mma: 16-row groups of a slot
 constexpr int MWC = ((SLOT_BYTES / MRB - 16) / 2) / 16 * 16;  // mma: columns of a slice
 constexpr int MPITCH = 2 * MWC + 16;                          // mma: bytes from row to row
-constexpr int MKW = NWARPS / 4;                               // mma: warps across a slice
+constexpr int MKW = NWARPS / RG;                              // mma: warps across a slice
 constexpr int NB = (B + 7) / 8;                               // mma: 8-column batch tiles
-static_assert(!MMA || (NWARPS % 4 == 0 && MWC >= 16 && KC % 16 == 0), "mma tiles");
+static_assert(!MMA || (MRB % 16 == 0 && NWARPS % RG == 0 && MWC >= 16 && KC % 16 == 0),
+              "mma tiles");
 
 // rstd[b] = rsqrt(mean(src[b]^2) + eps) over the whole row of K, in a fixed order
 template <int K>
@@ -490,7 +494,7 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
   constexpr int CHUNK = K < KC ? K : KC;
   uint4* xs4 = reinterpret_cast<uint4*>(sm.f);
   float* part = sm.f + XS_FLOATS;
-  const int rg = warp_id() % 4, kq = warp_id() / 4, g = lane_id() / 4, t = lane_id() % 4;
+  const int rg = warp_id() % RG, kq = warp_id() / RG, g = lane_id() / 4, t = lane_id() % 4;
   // ldmatrix.x4 row address of this lane: matrix lane / 8 = (rows +0/+8) x (columns +0/+8)
   const int a_off = (rg * 16 + lane_id() % 8 + (lane_id() / 8) % 2 * 8) * MPITCH + lane_id() / 16 * 16;
   if (K <= KC) {  // one input chunk: staged once for every row block
@@ -539,7 +543,7 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
       const int v = i / B, b = i % B, m = v % 16, c = b % 8;
       const int e = m / 8 * 2 + c % 2, lane = m % 8 * 4 + c / 2;
       float y = 0.f;
-      for (int q = 0; q < MKW; ++q) y += red[(((q * 4 + v / 16) * NB + b / 8) * 4 + e) * 32 + lane];
+      for (int q = 0; q < MKW; ++q) y += red[(((q * RG + v / 16) * NB + b / 8) * 4 + e) * 32 + lane];
       part[(v0 + v) * B + b] = y;
     }
     cta_sync();

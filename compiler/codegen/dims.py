@@ -58,6 +58,7 @@ class KernelDims:
     stage_bytes: int
     work_bytes: int
     mma: bool  # tensor-core matvec consumer (Options.matvec == "mma")
+    mma_rows: int  # its weight rows a slot
     qkv_tile: int  # rows of the widest QKV task
     row_tile: int  # rows of the widest o-proj / gate-up / down-partial task
     lm_rows: int  # vocab rows of one LM-head tile (CV)
@@ -105,9 +106,9 @@ class KernelDims:
         return self.stages * self.stage_bytes + 16 * self.stages + 4 * self.smem_floats
 
 
-def mma_slice(stage_bytes: int) -> int:
-    """Columns of one mma slot slice (amk.cuh MWC): 64 rows, each padded by 16 bytes."""
-    return ((stage_bytes // 64 - 16) // 2) // 16 * 16
+def mma_slice(stage_bytes: int, rows: int = 64) -> int:
+    """Columns of one mma slot slice (amk.cuh MWC): `rows` rows, each padded by 16 bytes."""
+    return ((stage_bytes // rows - 16) // 2) // 16 * 16
 
 
 def _widest(sched: Schedule, kind: Kind) -> int:
@@ -134,7 +135,7 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
     free = o.work_bytes // 4 - max_vrows * b - nwarps - b - red
     # mma: a chunk shorter than the widest K is whole slices, so the slices (and the summation
     # order) are the same whatever the chunk
-    unit = mma_slice(o.stage_bytes) if mma else 8
+    unit = mma_slice(o.stage_bytes, o.mma_rows) if mma else 8
     kc = widest_k if free // b >= widest_k else free // b // unit * unit
     if kc < 8:
         raise CodegenError(
@@ -165,6 +166,7 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
         stage_bytes=o.stage_bytes,
         work_bytes=o.work_bytes,
         mma=mma,
+        mma_rows=o.mma_rows,
         qkv_tile=qkv,
         row_tile=max(rows, gate_up, down),
         lm_rows=lm_rows,
@@ -214,8 +216,14 @@ def _check(d: KernelDims) -> None:
         (len(d.inv_freq) == d.head_dim // 2, "rope_inv_freq must have head_dim/2 values"),
         (32 <= d.threads <= 992, "1 to 31 consumer warps"),
         (
-            not d.mma or (d.nwarps % 4 == 0 and mma_slice(d.stage_bytes) >= 16),
-            "matvec=mma needs a multiple of 4 consumer warps and slots of at least 64 x 48 B",
+            not d.mma
+            or (
+                d.mma_rows in (16, 32, 64)
+                and d.nwarps % (d.mma_rows // 16) == 0
+                and mma_slice(d.stage_bytes, d.mma_rows) >= 16
+            ),
+            "matvec=mma needs mma_rows 16, 32 or 64, consumer warps a multiple of mma_rows / 16, "
+            "and slots of at least mma_rows x 48 B",
         ),
         (
             not d.mma
@@ -275,6 +283,7 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     const(
         "MMA", "true" if d.mma else "false", "matvec on tensor cores (else CUDA-core FMA)", "bool"
     )
+    const("MMA_ROWS", d.mma_rows, "mma: weight rows of a ring slot")
     const("QKV_TILE", d.qkv_tile, "rows of the widest QKV task")
     const("ROW_TILE", d.row_tile, "rows of the widest o-proj/gate-up/down task")
     const("EMBED_COLS", d.embed_cols, "columns of the widest EMBED task")

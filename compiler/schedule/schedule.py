@@ -77,6 +77,7 @@ class Options:
     embed_cols: int = 1024  # columns of x per EMBED task, a multiple of 8 (16-byte rows)
     policy: str = "round_robin"  # queue assignment: round_robin | balanced
     matvec: str = "fma"  # matvec consumer (compiler/codegen/amk.cuh): fma | mma
+    mma_rows: int = 64  # mma: weight rows of a ring slot, 16, 32 or 64 (amk.cuh MMA_ROWS)
 
     def __post_init__(self) -> None:
         choices = {"policy": POLICIES, "matvec": MATVECS}
