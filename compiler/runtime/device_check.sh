@@ -9,14 +9,16 @@
 # writes every log under LOGS and prints the short tables last. Artifacts (sm_90a):
 #   tiny-b1, tiny-b4            tiny-llama, default options (CUDA-core matvec): the gpu tests
 #   mma/tiny-b1, mma/tiny-b4    the same with the tensor-core matvec
+#   mma16/tiny-b1, mma16/...    the same with 16-row mma slots (mma_rows=16)
 #   1b, 7b                      llama-3.2-1b, llama-2-7b at b1-s4096 (the benchmark)
 #   1b-b16, 7b-b16              the same at b16-s1024 (defaults: tensor-core matvec)
 #   1b-b4, 7b-b4                b4-s2048, for the batch-4 token checks
+#   7b-b16-r16, 7b-b16-r32      7b-b16 with 16- and 32-row mma slots (to time against 7b-b16)
 set -euo pipefail
 
 build() {
     local out=$1
-    mkdir -p "$out/mma"
+    mkdir -p "$out/mma" "$out/mma16"
     c() {
         local name=$1
         shift
@@ -28,11 +30,15 @@ build() {
     c tiny-b4 tiny-llama -t b4-s64
     c mma/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma
     c mma/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma
+    c mma16/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma --option mma_rows=16
+    c mma16/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma --option mma_rows=16
     for m in 1b:llama-3.2-1b 7b:llama-2-7b; do
         c "${m%%:*}" "${m#*:}" -t b1-s4096
         c "${m%%:*}-b16" "${m#*:}" -t b16-s1024
         c "${m%%:*}-b4" "${m#*:}" -t b4-s2048
     done
+    c 7b-b16-r16 llama-2-7b -t b16-s1024 --option mma_rows=16
+    c 7b-b16-r32 llama-2-7b -t b16-s1024 --option mma_rows=32
 }
 
 run() {
@@ -40,7 +46,7 @@ run() {
     mkdir -p "$logs"
     export PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    for d in "$out" "$out/mma"; do
+    for d in "$out" "$out/mma" "$out/mma16"; do
         echo "gpu tests, $d: $(AMK_TEST_ARTIFACTS=$d timeout 120 python3 -m pytest -q -m gpu \
             tests/test_runtime.py -p no:cacheprovider 2>&1 | tail -1)"
     done
@@ -54,11 +60,14 @@ run() {
     done
     timeout 300 python3 -m compiler.runtime.smoke correct "$out/1b" "$out/1b-b4" "$out/7b" \
         "$out/7b-b4" >"$logs/correct.log" 2>&1 || true
+    timeout 200 python3 -m compiler.runtime.smoke time "$out/7b-b16" "$out/7b-b16-r16" \
+        "$out/7b-b16-r32" >"$logs/time-b16.log" 2>&1 || true
     for m in 1b 7b; do
         timeout 300 python3 -m compiler.runtime.smoke bench "$out/$m" --batch16 "$out/$m-b16" \
             --out "$logs/bench-$m.json" >"$logs/bench-$m.log" 2>&1 || true
     done
     grep '^|' "$logs/correct.log" || tail -3 "$logs/correct.log"
+    sed 's/{.*}//' "$logs/time-b16.log" | tail -4
     for m in 1b 7b; do tail -6 "$logs/bench-$m.log"; done
 }
 
