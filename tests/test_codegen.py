@@ -268,6 +268,9 @@ def test_mma_input_chunks_are_whole_slices():
     opts = Options(matvec="mma", work_bytes=64 * 1024)
     d = kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), opts))
     assert d.kc < 4096 and d.kc % mma_slice(opts.stage_bytes) == 0
+    wide = Options(matvec="mma", mma_rows=16, stage_bytes=65536, work_bytes=96 * 1024)
+    with pytest.raises(CodegenError, match="leave no room to stage 2032 input columns"):
+        kernel_dims(fg, chain_schedule(fg, ShapeTemplate(16, 2048), wide))
     with pytest.raises(CodegenError, match="a multiple of mma_rows / 16"):
         kernel_dims(
             fg,

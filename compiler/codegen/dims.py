@@ -139,7 +139,9 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
     kc = widest_k if free // b >= widest_k else free // b // unit * unit
     if kc < 8:
         raise CodegenError(
-            f"batch {b} leaves no shared memory to stage matvec inputs ({max_vrows} output rows)"
+            f"work_bytes {o.work_bytes} at batch {b} leave no room to stage {unit} input columns "
+            f"({max_vrows} output rows); raise work_bytes"
+            + (" or lower stage_bytes (mma: the chunk is whole slot slices)" if mma else "")
         )
     inv = fg.buffer("rope_inv_freq").value
     if inv is None:

@@ -37,7 +37,8 @@ build() {
         c "${m%%:*}-b16" "${m#*:}" -t b16-s1024
         c "${m%%:*}-b4" "${m#*:}" -t b4-s2048
     done
-    c 7b-b16-r16 llama-2-7b -t b16-s1024 --option mma_rows=16
+    c 7b-b16-r16 llama-2-7b -t b16-s1024 --option mma_rows=16 --option stages=3 \
+        --option stage_bytes=32768 --option work_bytes=131072
     c 7b-b16-r32 llama-2-7b -t b16-s1024 --option mma_rows=32
 }
 
