@@ -7,8 +7,9 @@ launched with `cuLaunchCooperativeKernel` through the driver API (ctypes), becau
 CTAs wait on each other's counters and must all be resident at once; CuPy's own launcher cannot
 pass a struct by value. Each CTA takes the kernel's whole shared-memory plan as dynamic shared
 memory (`KernelDims.smem_bytes`; the function's limit is raised to it first) and has
-`KernelDims.block_threads` threads (the consumers and the producer warp). Every driver call's CUresult is checked and a failure raises
-`LaunchError` naming it (e.g. CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE).
+`KernelDims.block_threads` threads (the consumers and the producer warp). Every driver call's
+CUresult is checked and a failure raises `LaunchError` naming it (e.g.
+CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE).
 
 `CpuLauncher` is the same interface over the CPU schedule interpreter
 (`compiler.schedule.interpret`), so the runtime's bookkeeping can be tested without a GPU.
@@ -192,10 +193,11 @@ class CudaLauncher:
         )
         if code != 0:
             props = torch.cuda.get_device_properties(device)
-            limit = getattr(props, "shared_memory_per_block_optin", "its")
+            limit = getattr(props, "shared_memory_per_block_optin", None)
             raise LaunchError(
                 f"{KERNEL_NAME}: {smem_bytes} B of shared memory per CTA exceed this device's "
-                f"{limit} B limit; recompile with fewer --option stages or a smaller stage_bytes",
+                + (f"{limit} B " if limit else "")
+                + "limit; recompile with fewer --option stages or a smaller stage_bytes",
                 code,
                 self.drv.name(code),
             )
