@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,18 +117,16 @@ def greedy_check(
     ref_tokens, ref_logits = generate(session.model, p, n + 1)
     ref = ref_tokens.cpu()
     bad = (kernel != ref).nonzero()
-    mismatch, margin = None, None
+    mismatch, ref_margin = None, None
     if len(bad):
         i = int(bad[:, 1].min())
         b = int(bad[bad[:, 1] == i][0, 0])
-        mismatch = (i, b)
-        top = ref_logits[i][b].float().topk(2).values
-        margin = float((top[0] - top[1]) / top[0].abs().clamp(min=1e-6))
+        mismatch, ref_margin = (i, b), margin(ref_logits[i][b : b + 1])
     return GreedyCheck(
         kernel=kernel.tolist(),
         reference=ref.tolist(),
         first_mismatch=mismatch,
-        ref_margin=margin,
+        ref_margin=ref_margin,
         logits_rel_err=_rel(session.logits, ref_logits[n].float()),
     )
 
@@ -154,54 +152,49 @@ class Float32Choices:
     differ: tuple[tuple[int, int, float], ...]  # (step, row, float32 gap / rms of the logits)
 
 
+def _float32_steps(
+    session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """n kernel steps (one launch each) beside a float32 Reference that holds the session's
+    (bf16-valued) weights, starts from the caches the prefill left in the kernel and embeds the
+    kernel's own token at every step. Yields, per step, the kernel's logits [B, V], the float32
+    logits [B, V] and the kernel's tokens [B]."""
+    p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
+    session.prefill(p)
+    ref32 = _reference32(session)
+    kc, vc = session.caches()
+    ks, vs = [c.float() for c in kc], [c.float() for c in vc]
+    for _ in range(n):
+        token, pos = session.tensors["token"].clone(), session.pos
+        assert pos is not None
+        chosen = session.decode(1)[0]
+        logits, ks, vs = ref32(token[:, None], torch.tensor(pos, device=session.device), ks, vs)
+        yield session.logits, logits[:, 0], chosen
+
+
 @torch.no_grad()
 def float32_choices(
     session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int
 ) -> Float32Choices:
-    """n kernel steps; at each, is the kernel's token the argmax of a float32 reference that
-    starts from the caches the prefill left in the kernel and is fed the kernel's tokens? Where
-    not, the float32 gap between its maximum and the kernel's token, over the RMS of its logits
-    (the kernel's logits are about 2e-4 of that RMS from the float32 reference's)."""
-    p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
-    first = session.prefill(p)
-    ref32 = _reference32(session)
-    kc, vc = session.caches()
-    ks, vs = [c.float() for c in kc], [c.float() for c in vc]
-    toks = session.decode(n)  # [n, B]
-    fed, pos, same, differ = first, p.shape[1], 0, []
-    for i in range(n):
-        logits, ks, vs = ref32(fed[:, None], torch.tensor(pos, device=session.device), ks, vs)
-        last = logits[:, 0]
-        rms = last.pow(2).mean(dim=-1).sqrt()
-        for b in range(p.shape[0]):
-            tok = int(toks[i, b])
-            if int(last[b].argmax()) == tok:
+    """n kernel steps; at each, is the kernel's token the argmax of the teacher-forced float32
+    reference (`_float32_steps`)? Where not, the float32 gap between its maximum and the kernel's
+    token, over the RMS of its logits (the kernel's logits are about 2e-4 of that RMS from the
+    float32 reference's)."""
+    same, differ = 0, []
+    for i, (_, ref, chosen) in enumerate(_float32_steps(session, prompt, n)):
+        rms = ref.pow(2).mean(dim=-1).sqrt()
+        for b, tok in enumerate(chosen.tolist()):
+            if int(ref[b].argmax()) == tok:
                 same += 1
             else:
-                differ.append((i, b, float((last[b].max() - last[b, tok]) / rms[b])))
-        fed, pos = toks[i], pos + 1
-    return Float32Choices(n * p.shape[0], same, tuple(differ))
+                differ.append((i, b, float((ref[b].max() - ref[b, tok]) / rms[b])))
+    return Float32Choices(n * session.batch, same, tuple(differ))
 
 
 @torch.no_grad()
 def float32_check(
     session: Session, prompt: Sequence[Sequence[int]] | Tensor, n: int
 ) -> list[float]:
-    """Relative error of each of n kernel steps' logits against a float32 reference.
-
-    The float32 Reference holds the session's (bf16-valued) weights, starts from the caches the
-    prefill left in the kernel, and embeds the kernel's own token at every step.
-    """
-    p = torch.as_tensor(prompt, dtype=torch.int64, device=session.device)
-    session.prefill(p)
-    ref32 = _reference32(session)
-    kc, vc = session.caches()
-    ks, vs = [c.float() for c in kc], [c.float() for c in vc]
-    errs = []
-    for _ in range(n):
-        token, pos = session.tensors["token"].clone(), session.pos
-        assert pos is not None
-        session.decode(1)
-        logits, ks, vs = ref32(token[:, None], torch.tensor(pos, device=session.device), ks, vs)
-        errs.append(_rel(session.logits, logits[:, 0]))
-    return errs
+    """Relative error of each of n kernel steps' logits against the teacher-forced float32
+    reference (`_float32_steps`)."""
+    return [_rel(kernel, ref) for kernel, ref, _ in _float32_steps(session, prompt, n)]
