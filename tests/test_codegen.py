@@ -407,6 +407,14 @@ def test_batch_16_compiles_without_spills_with_each_arch_defaults(tmp_path, arch
 
 
 @needs_nvcc
+@pytest.mark.parametrize("matvec", ["fma", "mma"])
+def test_evict_first_weight_copies_compile_for_both_archs(tmp_path, matvec):
+    fg, sched, cu = case("tiny-llama", "b4-s64", matvec=matvec, weight_l2="evict_first")
+    assert "constexpr bool WEIGHT_EVICT_FIRST = true;" in cu
+    check_compiled(compile_both(tmp_path, "tiny-l2", cu), kernel_dims(fg, sched))
+
+
+@needs_nvcc
 @pytest.mark.parametrize("rows", [16, 32, 64])
 def test_tiny_mma_compiles_for_both_archs_without_spills(tmp_path, rows):
     fg, sched, cu = case("tiny-llama", "b4-s64", matvec="mma", mma_rows=rows)

@@ -262,7 +262,16 @@ __device__ __forceinline__ void ring_init(const Smem& sm) {
 // next slot (segment i at byte i * pitch), once the consumers have freed it. sm_90: one bulk copy
 // per segment (the copy engine; lane 0 announces the bytes, the lanes issue the copies),
 // completing on full[slot] by byte count; sm_80: 16-byte cp.async by all lanes, each lane
-// arriving on full[slot] when its copies have landed.
+// arriving on full[slot] when its copies have landed. With WEIGHT_EVICT_FIRST the copies carry an
+// L2 evict-first policy: weights are read once a step, so they should not push the activations
+// and the KV cache out of L2.
+__device__ __forceinline__ u64 weight_policy() {
+  u64 policy = 0;
+  if constexpr (WEIGHT_EVICT_FIRST)
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
 template <class Row>
 __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0, int rows,
                                         int col, int width, int pitch) {
@@ -277,17 +286,32 @@ __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
                  ::"r"(smem_addr(full)), "r"(rows * width * 2) : "memory");
   __syncwarp();
-  for (int i = lane_id(); i < rows; i += 32)
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(smem_addr(dst + i * pitch)), "l"(row(v0 + i) + col), "r"(width * 2),
-        "r"(smem_addr(full)) : "memory");
+  const u64 policy = weight_policy();
+  for (int i = lane_id(); i < rows; i += 32) {
+    const unsigned d = smem_addr(dst + i * pitch), bytes = width * 2, bar = smem_addr(full);
+    const bf16* src = row(v0 + i) + col;
+    if constexpr (WEIGHT_EVICT_FIRST)
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+          "[%0], [%1], %2, [%3], %4;" ::"r"(d), "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+          : "memory");
+    else
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+          ::"r"(d), "l"(src), "r"(bytes), "r"(bar) : "memory");
+  }
 #else
   const int n8 = width / 8;
-  for (int i = lane_id(); i < rows * n8; i += 32)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                 ::"r"(smem_addr(dst + (i / n8) * pitch + 16 * (i % n8))),
-                 "l"(row(v0 + i / n8) + col + 8 * (i % n8)) : "memory");
+  const u64 policy = weight_policy();
+  for (int i = lane_id(); i < rows * n8; i += 32) {
+    const unsigned d = smem_addr(dst + (i / n8) * pitch + 16 * (i % n8));
+    const bf16* src = row(v0 + i / n8) + col + 8 * (i % n8);
+    if constexpr (WEIGHT_EVICT_FIRST)
+      asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;"
+                   ::"r"(d), "l"(src), "l"(policy) : "memory");
+    else
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+  }
   asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(smem_addr(full)) : "memory");
 #endif
   r.advance();
@@ -338,8 +362,6 @@ constexpr int MRB = MMA_ROWS;                                 // mma: rows of a 
 constexpr int RG = MRB / 16;                                  // mma: 16-row groups of a slot
 constexpr int MWC = ((SLOT_BYTES / MRB - 16) / 2) / 16 * 16;  // mma: columns of a slice
 constexpr int MPITCH = 2 * MWC + 16;                          // mma: bytes from row to row
-constexpr int MKW = NWARPS / RG;                              // mma: warps across a slice
-constexpr int NB = (B + 7) / 8;                               // mma: 8-column batch tiles
 static_assert(!MMA || (MRB % 16 == 0 && NWARPS % RG == 0 && MWC >= 16 && KC % 16 == 0),
               "mma tiles");
 
@@ -492,6 +514,8 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
                                            const bf16* norm_w, float* rstd, float* red,
                                            const Smem& sm, Ring& r) {
   constexpr int CHUNK = K < KC ? K : KC;
+  constexpr int MKW = NWARPS / RG;  // warps across a slice
+  constexpr int NB = (B + 7) / 8;   // 8-column batch tiles
   uint4* xs4 = reinterpret_cast<uint4*>(sm.f);
   float* part = sm.f + XS_FLOATS;
   const int rg = warp_id() % RG, kq = warp_id() / RG, g = lane_id() / 4, t = lane_id() % 4;

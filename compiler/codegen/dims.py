@@ -59,6 +59,7 @@ class KernelDims:
     work_bytes: int
     mma: bool  # tensor-core matvec consumer (Options.matvec == "mma")
     mma_rows: int  # its weight rows a slot
+    evict_first: bool  # weight copies with an L2 evict-first policy (Options.weight_l2)
     qkv_tile: int  # rows of the widest QKV task
     row_tile: int  # rows of the widest o-proj / gate-up / down-partial task
     lm_rows: int  # vocab rows of one LM-head tile (CV)
@@ -169,6 +170,7 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
         work_bytes=o.work_bytes,
         mma=mma,
         mma_rows=o.mma_rows,
+        evict_first=o.weight_l2 == "evict_first",
         qkv_tile=qkv,
         row_tile=max(rows, gate_up, down),
         lm_rows=lm_rows,
@@ -286,6 +288,8 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
         "MMA", "true" if d.mma else "false", "matvec on tensor cores (else CUDA-core FMA)", "bool"
     )
     const("MMA_ROWS", d.mma_rows, "mma: weight rows of a ring slot")
+    flag = "true" if d.evict_first else "false"
+    const("WEIGHT_EVICT_FIRST", flag, "weight copies with an L2 evict-first policy", "bool")
     const("QKV_TILE", d.qkv_tile, "rows of the widest QKV task")
     const("ROW_TILE", d.row_tile, "rows of the widest o-proj/gate-up/down task")
     const("EMBED_COLS", d.embed_cols, "columns of the widest EMBED task")

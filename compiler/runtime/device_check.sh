@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks behind BENCHMARKS.md, in two halves:
 #
-#   bash compiler/runtime/device_check.sh build out     here: compile the artifacts into out/
+#   bash compiler/runtime/device_check.sh build out     compile the artifacts into out/
 #   bash compiler/runtime/device_check.sh run out LOGS  on the GPU machine: check, then time
 #
-# `build` needs only the package and nvcc; `run` needs a Hopper GPU, CuPy and compute-sanitizer
-# (run from the repository root with PYTHONPATH=. where the package is not installed). `run`
-# writes every log under LOGS and prints the short tables last. Artifacts (sm_90a):
+# `build` needs only the package and nvcc, here (then carry out/, ~75 MB: over the device tool's
+# 64 MiB, so carry a part) or on the GPU machine itself, where the package is not installed:
+# `PYTHONPATH=. AMK="python3 -m amk_farm.cli" bash compiler/runtime/device_check.sh build out`.
+# `run` needs a Hopper GPU, CuPy and compute-sanitizer (PYTHONPATH=. where the package is not
+# installed); it writes every log under LOGS and prints the short tables last. Artifacts (sm_90a):
 #   tiny-b1, tiny-b4            tiny-llama, default options (CUDA-core matvec): the gpu tests
 #   mma/tiny-b1, mma/tiny-b4    the same with the tensor-core matvec
 #   mma16/tiny-b1, mma16/...    the same with 16-row mma slots (mma_rows=16)
@@ -14,32 +16,38 @@
 #   1b-b16, 7b-b16              the same at b16-s1024 (defaults: tensor-core matvec)
 #   1b-b4, 7b-b4                b4-s2048, for the batch-4 token checks
 #   7b-b16-r16, 7b-b16-r32      7b-b16 with 16- and 32-row mma slots (to time against 7b-b16)
+#   7b-p16, 7b-l2               7b with 16 KV partitions, with evict-first weight copies
 set -euo pipefail
+AMK=${AMK:-amk-farm}
 
 build() {
-    local out=$1
+    local out=$1 pids=() failed=0
     mkdir -p "$out/mma" "$out/mma16"
     c() {
         local name=$1
         shift
         rm -rf "${out:?}/$name"
-        amk-farm compile "$@" --arch sm_90a -o "$out/$name" >/dev/null
-        echo "built $out/$name"
+        # shellcheck disable=SC2086  # AMK may be a command with arguments
+        $AMK compile "$@" --arch sm_90a -o "$out/$name" >/dev/null && echo "built $out/$name"
     }
-    c tiny-b1 tiny-llama -t b1-s64
-    c tiny-b4 tiny-llama -t b4-s64
-    c mma/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma
-    c mma/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma
-    c mma16/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma --option mma_rows=16
-    c mma16/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma --option mma_rows=16
+    c tiny-b1 tiny-llama -t b1-s64 & pids+=($!)
+    c tiny-b4 tiny-llama -t b4-s64 & pids+=($!)
+    c mma/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma & pids+=($!)
+    c mma/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma & pids+=($!)
+    c mma16/tiny-b1 tiny-llama -t b1-s64 --option matvec=mma --option mma_rows=16 & pids+=($!)
+    c mma16/tiny-b4 tiny-llama -t b4-s64 --option matvec=mma --option mma_rows=16 & pids+=($!)
     for m in 1b:llama-3.2-1b 7b:llama-2-7b; do
-        c "${m%%:*}" "${m#*:}" -t b1-s4096
-        c "${m%%:*}-b16" "${m#*:}" -t b16-s1024
-        c "${m%%:*}-b4" "${m#*:}" -t b4-s2048
+        c "${m%%:*}" "${m#*:}" -t b1-s4096 & pids+=($!)
+        c "${m%%:*}-b16" "${m#*:}" -t b16-s1024 & pids+=($!)
+        c "${m%%:*}-b4" "${m#*:}" -t b4-s2048 & pids+=($!)
     done
     c 7b-b16-r16 llama-2-7b -t b16-s1024 --option mma_rows=16 --option stages=3 \
-        --option stage_bytes=32768 --option work_bytes=131072
-    c 7b-b16-r32 llama-2-7b -t b16-s1024 --option mma_rows=32
+        --option stage_bytes=32768 --option work_bytes=131072 & pids+=($!)
+    c 7b-b16-r32 llama-2-7b -t b16-s1024 --option mma_rows=32 & pids+=($!)
+    c 7b-p16 llama-2-7b -t b1-s4096 --option kv_partitions=16 & pids+=($!)
+    c 7b-l2 llama-2-7b -t b1-s4096 --option weight_l2=evict_first & pids+=($!)
+    for p in "${pids[@]}"; do wait "$p" || failed=1; done
+    return "$failed"
 }
 
 run() {
@@ -63,12 +71,14 @@ run() {
         "$out/7b-b4" >"$logs/correct.log" 2>&1 || true
     timeout 200 python3 -m compiler.runtime.smoke time "$out/7b-b16" "$out/7b-b16-r16" \
         "$out/7b-b16-r32" >"$logs/time-b16.log" 2>&1 || true
+    timeout 200 python3 -m compiler.runtime.smoke time "$out/7b" "$out/7b-p16" "$out/7b-l2" \
+        --kv 128,2048 >"$logs/time-b1.log" 2>&1 || true
     for m in 1b 7b; do
         timeout 300 python3 -m compiler.runtime.smoke bench "$out/$m" --batch16 "$out/$m-b16" \
             --out "$logs/bench-$m.json" >"$logs/bench-$m.log" 2>&1 || true
     done
     grep '^|' "$logs/correct.log" || tail -3 "$logs/correct.log"
-    sed 's/{.*}//' "$logs/time-b16.log" | tail -4
+    grep '^|' "$logs/time-b16.log" "$logs/time-b1.log" || true
     for m in 1b 7b; do tail -6 "$logs/bench-$m.log"; done
 }
 

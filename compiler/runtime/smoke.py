@@ -2,7 +2,7 @@
 
     python -m compiler.runtime.smoke decode ARTIFACT [STEPS]     a few steps (for compute-sanitizer)
     python -m compiler.runtime.smoke correct ARTIFACT...         32 greedy tokens vs bf16 PyTorch
-    python -m compiler.runtime.smoke time ARTIFACT...            kernel ms/step of variants
+    python -m compiler.runtime.smoke time ARTIFACT... [--kv 128,2048]   kernel ms/step of variants
     python -m compiler.runtime.smoke bench ARTIFACT [--batch16 ARTIFACT] [--out FILE.json]
 
 `correct` uses synthetic weights drawn on the device (seed 0) and a seeded random prompt of 16
@@ -104,19 +104,23 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
     return rows
 
 
-def timing(artifacts: list[str], kv: int = 128, reps: int = 100) -> None:
-    """Median ms of one kernel step at KV length `kv` (CUDA events), per artifact: to compare
+def timing(artifacts: list[str], kv_lens: tuple[int, ...] = (128,), reps: int = 100) -> None:
+    """Median ms of one kernel step at each KV length (CUDA events), per artifact: to compare
     kernel variants (schedule options) without the baselines."""
     from compiler.runtime.bench import time_calls
+    from compiler.schedule.schedule import Options
 
-    print("| artifact | options | ms/step (1 per launch) | ms/step (32 per launch) |")
+    defaults = Options().to_json()
+    print("| artifact | options (not the Options() default) | KV len | ms/step (1 per launch) | "
+          "ms/step (32 per launch) |")  # fmt: skip
     for art in artifacts:
         s = Session(art, synthetic_seed=0, synthetic_on="device")
-        s.prefill_random(kv + 1)
-        one = statistics.median(time_calls(partial(s.launch, 1, kv), reps, 10))
-        many = statistics.median(time_calls(partial(s.launch, 32, kv), 8, 2)) / 32
-        opts = {k: v for k, v in s.schedule.options.to_json().items() if k != "policy"}
-        print(f"| {art} | {opts} | {one:.3f} | {many:.3f} |", flush=True)
+        s.prefill_random(max(kv_lens) + 1)
+        opts = {k: v for k, v in s.schedule.options.to_json().items() if v != defaults[k]}
+        for kv in kv_lens:
+            one = statistics.median(time_calls(partial(s.launch, 1, kv), reps, 10))
+            many = statistics.median(time_calls(partial(s.launch, 32, kv), 8, 2)) / 32
+            print(f"| {art} | {opts} | {kv} | {one:.3f} | {many:.3f} |", flush=True)
         del s
         torch.cuda.empty_cache()
 
@@ -131,6 +135,7 @@ def main(argv: list[str]) -> int:
     c.add_argument("artifacts", nargs="+")
     t = sub.add_parser("time")
     t.add_argument("artifacts", nargs="+")
+    t.add_argument("--kv", default="128", help="KV lengths, comma-separated")
     b = sub.add_parser("bench")
     b.add_argument("artifact")
     b.add_argument("--batch16")
@@ -143,7 +148,7 @@ def main(argv: list[str]) -> int:
     elif a.mode == "correct":
         correct(a.artifacts)
     elif a.mode == "time":
-        timing(a.artifacts)
+        timing(a.artifacts, tuple(int(x) for x in a.kv.split(",")))
     else:
         from compiler.runtime.bench import report, run_bench
 
