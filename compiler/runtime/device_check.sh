@@ -8,7 +8,9 @@
 # 64 MiB, so carry a part) or on the GPU machine itself, where the package is not installed:
 # `PYTHONPATH=. AMK="python3 -m amk_farm.cli" bash compiler/runtime/device_check.sh build out`.
 # `run` needs a Hopper GPU, CuPy and compute-sanitizer (PYTHONPATH=. where the package is not
-# installed); it writes every log under LOGS and prints the short tables last. Artifacts (sm_90a):
+# installed); it writes every log under LOGS and prints the short tables last (the device tool
+# returns at most 8 files: `run out /tmp/logs; tar czf $OUT/logs.tgz -C /tmp logs`). It also
+# builds and runs the ring probe (probes/ring_race_probe.cu) under racecheck. Artifacts (sm_90a):
 #   tiny-b1, tiny-b4            tiny-llama, default options (CUDA-core matvec): the gpu tests
 #   mma/tiny-b1, mma/tiny-b4    the same with the tensor-core matvec
 #   mma16/tiny-b1, mma16/...    the same with 16-row mma slots (mma_rows=16)
@@ -62,10 +64,22 @@ run() {
     for a in "$out/tiny-b1" "$out/mma/tiny-b4"; do
         for tool in memcheck racecheck; do
             local log="$logs/$tool-${a//\//_}.log"
-            timeout 120 compute-sanitizer --tool "$tool" --print-limit 4 \
+            timeout 120 compute-sanitizer --tool "$tool" --print-limit 0 \
                 python3 -m compiler.runtime.smoke decode "$a" 2 >"$log" 2>&1 || true
             echo "$tool $a: $(tail -1 "$log")"
+            if [[ $tool == racecheck ]]; then  # the ring hand-off (see probes/) vs anything else
+                echo "  races reported: $(grep -c 'Race reported between' "$log" || true), of" \
+                    "them consumer read vs bulk-copy write of a ring slot:" \
+                    "$(grep -A1 'Race reported between' "$log" | grep -c 'Write access at void produce<' || true)"
+            fi
         done
+    done
+    nvcc -gencode=arch=compute_90a,code=sm_90a -o "$logs/ring_race_probe" \
+        compiler/runtime/probes/ring_race_probe.cu
+    for m in 0 1; do  # 0: the ring protocol, 1: the consumer frees each slot before reading it
+        echo "probe $m: $(timeout 30 "$logs/ring_race_probe" "$m" 2>&1 | tail -1);" \
+            "racecheck: $(timeout 60 compute-sanitizer --tool racecheck "$logs/ring_race_probe" "$m" \
+                2>&1 | tail -1)"
     done
     timeout 300 python3 -m compiler.runtime.smoke correct "$out/1b" "$out/1b-b4" "$out/7b" \
         "$out/7b-b4" >"$logs/correct.log" 2>&1 || true
