@@ -347,8 +347,8 @@ __device__ __forceinline__ void release(const Smem& sm, Ring& r) {
 //   x = big + small (|x - big - small| <= 2^-17 |x|), each multiplied into the fp32 accumulators,
 //   so the products carry about fp32 accuracy. The accumulators live across the whole K, so the
 //   summation order does not depend on KC (nor on B: each batch row is its own mma column).
-//   for each block of MRB output rows v0 ..:
-//     for each input chunk [k0, k0 + n) of at most KC columns (staged in xs as bf16 pairs):
+//   for each input chunk [k0, k0 + n) of at most KC columns (staged in xs as bf16 pairs):
+//     for each block of MRB output rows v0 ..:
 //       for each column slice [j, j + MWC) of the input chunk: one slot
 //
 // Work area: xs [B][KC] (4 bytes an element either way) | part [MAX_VROWS][B] outputs |
@@ -445,10 +445,10 @@ template <int K, class Row>
 __device__ __forceinline__ void load_matvec(Row row, int nrows, const Smem& sm, Ring& r) {
   constexpr int CHUNK = K < KC ? K : KC;
   if constexpr (MMA) {
-    for (int v0 = 0; v0 < nrows; v0 += MRB) {
-      const int rows = nrows - v0 < MRB ? nrows - v0 : MRB;
-      for (int k0 = 0; k0 < K; k0 += CHUNK) {
-        const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+    for (int k0 = 0; k0 < K; k0 += CHUNK) {
+      const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+      for (int v0 = 0; v0 < nrows; v0 += MRB) {
+        const int rows = nrows - v0 < MRB ? nrows - v0 : MRB;
         for (int j = 0; j < n; j += MWC)
           produce(sm, r, row, v0, rows, k0 + j, n - j < MWC ? n - j : MWC, MPITCH);
       }
@@ -508,33 +508,36 @@ __device__ __forceinline__ void matvec_fma(int nrows, const float* src, int ld,
   }
 }
 
-// mma consumer (see above); red: NWARPS * NB * 128 floats
+// mma consumer (see above); red: NWARPS * NB * 128 floats. The accumulators of every row block
+// of the task stay in registers across the input chunks (the inputs are staged once per chunk,
+// not once per row block), then each block is summed over the warps in order.
 template <int K>
 __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
                                            const bf16* norm_w, float* rstd, float* red,
                                            const Smem& sm, Ring& r) {
   constexpr int CHUNK = K < KC ? K : KC;
-  constexpr int MKW = NWARPS / RG;  // warps across a slice
-  constexpr int NB = (B + 7) / 8;   // 8-column batch tiles
+  constexpr int MKW = NWARPS / RG;                      // warps across a slice
+  constexpr int NB = (B + 7) / 8;                       // 8-column batch tiles
+  constexpr int NRB = (MAX_VROWS + MRB - 1) / MRB;      // row blocks of the widest task
   uint4* xs4 = reinterpret_cast<uint4*>(sm.f);
   float* part = sm.f + XS_FLOATS;
   const int rg = warp_id() % RG, kq = warp_id() / RG, g = lane_id() / 4, t = lane_id() % 4;
   // ldmatrix.x4 row address of this lane: matrix lane / 8 = (rows +0/+8) x (columns +0/+8)
   const int a_off = (rg * 16 + lane_id() % 8 + (lane_id() / 8) % 2 * 8) * MPITCH + lane_id() / 16 * 16;
-  if (K <= KC) {  // one input chunk: staged once for every row block
-    stage_mma(xs4, src, ld, 0, K, rstd, norm_w);
-    cta_sync();
-  }
-  for (int v0 = 0; v0 < nrows; v0 += MRB) {
-    float acc[NB][4];
+  const int blocks = (nrows + MRB - 1) / MRB;  // warp-uniform
+  float acc[NRB][NB][4];
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
-    for (int k0 = 0; k0 < K; k0 += CHUNK) {
-      const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
-      if (K > KC) {
-        stage_mma(xs4, src, ld, k0, n, rstd, norm_w);
-        cta_sync();
-      }
+  for (int rb = 0; rb < NRB; ++rb)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) acc[rb][nb][0] = acc[rb][nb][1] = acc[rb][nb][2] = acc[rb][nb][3] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += CHUNK) {
+    const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
+    if (k0 > 0) cta_sync();  // every warp is done with the previous chunk's inputs
+    stage_mma(xs4, src, ld, k0, n, rstd, norm_w);
+    cta_sync();
+#pragma unroll
+    for (int rb = 0; rb < NRB; ++rb) {
+      if (rb >= blocks) break;
       for (int j = 0; j < n; j += MWC) {
         const int steps = (n - j < MWC ? n - j : MWC) / 16, per = (steps + MKW - 1) / MKW;
         const int s1 = (kq + 1) * per < steps ? (kq + 1) * per : steps;
@@ -548,21 +551,24 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
           for (int nb = 0; nb < NB; ++nb) {
             const int b = nb * 8 + g;
             const uint4 x = b < B ? xs4[(step + b) * 4 + t] : make_uint4(0, 0, 0, 0);
-            mma_bf16(acc[nb], a, x.x, x.y);  // big
-            mma_bf16(acc[nb], a, x.z, x.w);  // small
+            mma_bf16(acc[rb][nb], a, x.x, x.y);  // big
+            mma_bf16(acc[rb][nb], a, x.z, x.w);  // small
           }
         }
         release(sm, r);
       }
-      if (K > KC) cta_sync();  // every warp is done with xs before the next chunk is staged
     }
-    // the row block's accumulators, warp by warp; then y[v][b] = the warps' parts in order
+  }
+  // each row block's accumulators, warp by warp; then y[v][b] = the warps' parts in order
+#pragma unroll
+  for (int rb = 0; rb < NRB; ++rb) {
+    if (rb >= blocks) break;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[((warp_id() * NB + nb) * 4 + e) * 32 + lane_id()] = acc[nb][e];
+      for (int e = 0; e < 4; ++e) red[((warp_id() * NB + nb) * 4 + e) * 32 + lane_id()] = acc[rb][nb][e];
     cta_sync();
-    const int rows = nrows - v0 < MRB ? nrows - v0 : MRB;
+    const int v0 = rb * MRB, rows = nrows - v0 < MRB ? nrows - v0 : MRB;
     for (int i = threadIdx.x; i < rows * B; i += THREADS) {
       const int v = i / B, b = i % B, m = v % 16, c = b % 8;
       const int e = m / 8 * 2 + c % 2, lane = m % 8 * 4 + c / 2;
