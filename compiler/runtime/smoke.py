@@ -72,6 +72,7 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
             "forced_wrong_n": len(forced.wrong),
             "float32_same": f32_choices.same,
             "float32_differ": [list(d) for d in f32_choices.differ],
+            "float32_differ_n": len(f32_choices.differ),
             "first_mismatch": r.first_mismatch,
             "ref_margin_at_mismatch": r.ref_margin,
             "logits_rel_err_vs_bf16": r.logits_rel_err,
@@ -89,7 +90,7 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
     print(
         "| model | template | 32 tokens identical | first mismatch (ref margin) | "
         "teacher-forced: same argmax / exact bf16 tie / near-tie (largest gap) / wrong | "
-        "logits rel err vs bf16 | "
+        "teacher-forced float32: same argmax / other | logits rel err vs bf16 | "
         "vs float32 (4 teacher-forced steps) | "
         "1 launch == per-token | ms/token (1/launch, host timed) | ms/token (32/launch) |"
     )
@@ -98,6 +99,7 @@ def correct(artifacts: list[str], steps: int = 32) -> list[dict[str, Any]]:
         print(f"| {w['model']} | {w['template']} | {w['identical']} | {mm} | "
               f"{w['forced_agree']} / {w['forced_ties']} / {w['forced_near']} "
               f"({w['forced_largest_near_gap']:.1e}) / {w['forced_wrong_n']} | "
+              f"{w['float32_same']} / {w['float32_differ_n']} | "
               f"{w['logits_rel_err_vs_bf16']:.1e} | "
               f"{w['float32_rel_err_max']:.1e} | {w['multi_launch_bitwise_same']} | "
               f"{w['ms_per_token_1_per_launch']:.3f} | {w['ms_per_token_all_in_one']:.3f} |")  # fmt: skip
