@@ -260,7 +260,7 @@ def _options(pairs: list[str], sm_count: int | None, arch: str, batch: int) -> A
             raise ValueError(
                 f"bad --option {pair!r} (expected KEY=VALUE, KEY one of {', '.join(fields)})"
             )
-        values[key] = value if key in ("policy", "matvec", "weight_l2") else _int(value, key)
+        values[key] = value if fields[key] in (str, "str") else _int(value, key)
     if sm_count is not None:
         values["sm_count"] = sm_count
     return Options.for_target(arch, batch, **values)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 # major.minor changes with the kernel's launch interface, which the runtime checks before a launch
 # (0.2: a producer warp beside the consumers, and all shared memory dynamic)
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 
 def source_digest() -> str:

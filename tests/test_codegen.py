@@ -408,10 +408,17 @@ def test_batch_16_compiles_without_spills_with_each_arch_defaults(tmp_path, arch
 
 @needs_nvcc
 @pytest.mark.parametrize("matvec", ["fma", "mma"])
-def test_evict_first_weight_copies_compile_for_both_archs(tmp_path, matvec):
-    fg, sched, cu = case("tiny-llama", "b4-s64", matvec=matvec, weight_l2="evict_first")
-    assert "constexpr bool WEIGHT_EVICT_FIRST = true;" in cu
-    check_compiled(compile_both(tmp_path, "tiny-l2", cu), kernel_dims(fg, sched))
+@pytest.mark.parametrize(
+    ("option", "flag"),
+    [
+        ({"weight_l2": "evict_first"}, "WEIGHT_EVICT_FIRST"),  # L2 policy of the bulk copies
+        ({"ring_copy": "threads"}, "THREAD_COPIES"),  # lockstep ring for racecheck
+    ],
+)
+def test_ring_copy_variants_compile_for_both_archs(tmp_path, matvec, option, flag):
+    fg, sched, cu = case("tiny-llama", "b4-s64", matvec=matvec, **option)
+    assert f"constexpr bool {flag} = true;" in cu
+    check_compiled(compile_both(tmp_path, "tiny-variant", cu), kernel_dims(fg, sched))
 
 
 @needs_nvcc

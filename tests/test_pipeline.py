@@ -53,6 +53,15 @@ def test_compile_writes_every_stage_and_a_cubin(tmp_path, arch):
     assert summary["cubin"] is True
 
 
+def test_every_word_option_reaches_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no nvcc: the options, not the cubin
+    words = {"policy": "balanced", "matvec": "mma", "weight_l2": "evict_first"}
+    words["ring_copy"] = "threads"
+    compile_tiny(tmp_path / "a", *(f"--option={k}={v}" for k, v in words.items()))
+    options = read_manifest(tmp_path / "a").options
+    assert {k: options[k] for k in words} == words
+
+
 @needs_nvcc
 def test_each_stage_file_is_an_entry_point(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -85,6 +94,8 @@ def test_without_nvcc_the_rest_is_written(tmp_path, monkeypatch):
         (["--arch", "sm_70"], "unsupported arch"),
         (["--option", "row_tile=0"], "row_tile must be a positive integer"),
         (["--option", "nonsense=1"], "bad --option"),
+        (["--option", "ring_copy=1"], "ring_copy must be one of async, threads"),
+        (["--option", "stages=two"], "--option stages needs an integer"),
     ],
 )
 def test_bad_input_exits_nonzero_and_writes_nothing(tmp_path, args, message):

@@ -328,6 +328,7 @@ def test_options_hash_differs_per_option() -> None:
     changed["policy"] = "balanced"
     changed["matvec"] = "mma"
     changed["weight_l2"] = "evict_first"
+    changed["ring_copy"] = "threads"
     hashes = {base.hash()} | {
         Options(**(base.to_json() | {k: v})).hash() for k, v in changed.items()
     }

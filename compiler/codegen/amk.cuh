@@ -204,6 +204,14 @@ struct Ring {
   }
 };
 
+// With THREAD_COPIES (a build for compute-sanitizer racecheck) the slots go round in lockstep:
+// the producer copies a slot, then the whole CTA meets at named barrier 2 (full) and, once the
+// consumers have read the slot, at named barrier 3 (empty). Racecheck models such barriers, not
+// mbarriers, nor a named barrier's bar.arrive (probes/ring_race_probe.cu); nothing overlaps.
+__device__ __forceinline__ void ring_sync(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(BLOCK_THREADS) : "memory");
+}
+
 __device__ __forceinline__ unsigned smem_addr(const void* ptr) {
   return static_cast<unsigned>(__cvta_generic_to_shared(ptr));
 }
@@ -247,7 +255,7 @@ __device__ __forceinline__ Smem smem_plan(unsigned char* base) {
 __device__ __forceinline__ void ring_init(const Smem& sm) {
   for (int i = 0; i < STAGES; ++i) {
 #if __CUDA_ARCH__ >= 900
-    mbar_init(sm.full + i, 1);  // the producer's arrive.expect_tx; the bytes complete the phase
+    mbar_init(sm.full + i, 1);  // lane 0's arrive after the copies; the bytes complete the phase
 #else
     mbar_init(sm.full + i, 32);  // one cp.async arrive per producer lane
 #endif
@@ -262,9 +270,11 @@ __device__ __forceinline__ void ring_init(const Smem& sm) {
 // next slot (segment i at byte i * pitch), once the consumers have freed it. sm_90: one bulk copy
 // per segment (the copy engine; lane 0 announces the bytes, the lanes issue the copies),
 // completing on full[slot] by byte count; sm_80: 16-byte cp.async by all lanes, each lane
-// arriving on full[slot] when its copies have landed. With WEIGHT_EVICT_FIRST the copies carry an
-// L2 evict-first policy: weights are read once a step, so they should not push the activations
-// and the KV cache out of L2.
+// arriving on full[slot] when its copies have landed. With THREAD_COPIES (Options.ring_copy =
+// threads, for compute-sanitizer racecheck, which does not see the async copies' hand-off) the
+// lanes load and store the segments themselves, in lockstep with the consumers (ring_sync). With
+// WEIGHT_EVICT_FIRST the async copies carry an L2 evict-first policy: weights are read once a
+// step, so they should not push the activations and the KV cache out of L2.
 __device__ __forceinline__ u64 weight_policy() {
   u64 policy = 0;
   if constexpr (WEIGHT_EVICT_FIRST)
@@ -277,13 +287,27 @@ __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0
                                         int col, int width, int pitch) {
   u64* full = sm.full + r.slot;
   unsigned char* dst = sm.ring + r.slot * SLOT_BYTES;
+  if constexpr (THREAD_COPIES) {  // 16-byte loads and stores by the lanes, in lockstep
+    const int n8 = width / 8;
+    for (int i = lane_id(); i < rows * n8; i += 32) {
+      const int4 v = __ldg(reinterpret_cast<const int4*>(row(v0 + i / n8) + col + 8 * (i % n8)));
+      *reinterpret_cast<int4*>(dst + (i / n8) * pitch + 16 * (i % n8)) = v;
+    }
+    ring_sync(2);  // full: the consumers take the slot
+    ring_sync(3);  // empty: they are done with it
+    r.advance();
+    return;
+  }
   mbar_wait(sm.empty + r.slot, r.phase ^ 1u);  // a fresh slot's previous phase counts as done
 #if __CUDA_ARCH__ >= 900
   // the consumers' reads of the slot (generic proxy), acquired through empty[slot], come before
   // the copy engine's writes (async proxy)
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  // lane 0 announces the bytes, the lanes issue the copies, then lane 0 arrives: the arrive
+  // comes after every issue, which is how compute-sanitizer's racecheck sees the copies'
+  // writes ordered before the consumers' reads (probes/ring_race_probe.cu, mode 2)
   if (lane_id() == 0)
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;"
                  ::"r"(smem_addr(full)), "r"(rows * width * 2) : "memory");
   __syncwarp();
   const u64 policy = weight_policy();
@@ -300,6 +324,8 @@ __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0
           "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
           ::"r"(d), "l"(src), "r"(bytes), "r"(bar) : "memory");
   }
+  __syncwarp();
+  if (lane_id() == 0) mbar_arrive(full);
 #else
   const int n8 = width / 8;
   const u64 policy = weight_policy();
@@ -319,15 +345,23 @@ __device__ __forceinline__ void produce(const Smem& sm, Ring& r, Row row, int v0
 
 // consumer warp: the next slot, once its copies have landed
 __device__ __forceinline__ const unsigned char* consume(const Smem& sm, const Ring& r) {
-  mbar_wait(sm.full + r.slot, r.phase);
+  if constexpr (THREAD_COPIES)
+    ring_sync(2);  // full
+  else
+    mbar_wait(sm.full + r.slot, r.phase);
   return sm.ring + r.slot * SLOT_BYTES;
 }
 // consumer warp: done reading the slot
 __device__ __forceinline__ void release(const Smem& sm, Ring& r) {
-  __syncwarp();
-  if (lane_id() == 0) mbar_arrive(sm.empty + r.slot);
+  if constexpr (THREAD_COPIES) {
+    ring_sync(3);  // empty
+  } else {
+    __syncwarp();
+    if (lane_id() == 0) mbar_arrive(sm.empty + r.slot);
+  }
   r.advance();
 }
+
 
 // ---- matvec: part[v][b] = W_v . xin[b] over K columns ----------------------------------------
 // xin = src, or RMSNorm(src) * norm_w when norm_w is given. The weights come through the ring;

@@ -60,6 +60,7 @@ class KernelDims:
     mma: bool  # tensor-core matvec consumer (Options.matvec == "mma")
     mma_rows: int  # its weight rows a slot
     evict_first: bool  # weight copies with an L2 evict-first policy (Options.weight_l2)
+    thread_copies: bool  # the producer lanes fill the slots themselves (Options.ring_copy)
     qkv_tile: int  # rows of the widest QKV task
     row_tile: int  # rows of the widest o-proj / gate-up / down-partial task
     lm_rows: int  # vocab rows of one LM-head tile (CV)
@@ -171,6 +172,7 @@ def kernel_dims(fg: FusedGraph, sched: Schedule) -> KernelDims:
         mma=mma,
         mma_rows=o.mma_rows,
         evict_first=o.weight_l2 == "evict_first",
+        thread_copies=o.ring_copy == "threads",
         qkv_tile=qkv,
         row_tile=max(rows, gate_up, down),
         lm_rows=lm_rows,
@@ -290,6 +292,8 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     const("MMA_ROWS", d.mma_rows, "mma: weight rows of a ring slot")
     flag = "true" if d.evict_first else "false"
     const("WEIGHT_EVICT_FIRST", flag, "weight copies with an L2 evict-first policy", "bool")
+    flag = "true" if d.thread_copies else "false"
+    const("THREAD_COPIES", flag, "the producer lanes fill the ring slots (no async copies)", "bool")
     const("QKV_TILE", d.qkv_tile, "rows of the widest QKV task")
     const("ROW_TILE", d.row_tile, "rows of the widest o-proj/gate-up/down task")
     const("EMBED_COLS", d.embed_cols, "columns of the widest EMBED task")

@@ -43,6 +43,7 @@ SCHEDULE_VERSION = 1
 POLICIES = ("round_robin", "balanced")
 MATVECS = ("fma", "mma")  # matvec consumers: CUDA-core FMA (fp32 x) or tensor-core mma
 WEIGHT_L2 = ("normal", "evict_first")  # L2 policy of the weight copies
+RING_COPIES = ("async", "threads")  # who fills a ring slot: the copy engine or the producer lanes
 # defaults that differ by target (compiler/runtime/NOTES.md has the measurements): an A100 has
 # 108 SMs and 163 KiB of shared memory per block, an H100/H200 132 SMs and 227 KiB. Batch 1-7:
 # the CUDA-core matvec with a deep weight ring (6 slots measured 2% faster than 4 on
@@ -80,9 +81,15 @@ class Options:
     matvec: str = "fma"  # matvec consumer (compiler/codegen/amk.cuh): fma | mma
     mma_rows: int = 64  # mma: weight rows of a ring slot, 16, 32 or 64 (amk.cuh MMA_ROWS)
     weight_l2: str = "normal"  # L2 policy of the weight copies: normal | evict_first
+    ring_copy: str = "async"  # slot copies: async (bulk / cp.async) | threads (for racecheck)
 
     def __post_init__(self) -> None:
-        choices = {"policy": POLICIES, "matvec": MATVECS, "weight_l2": WEIGHT_L2}
+        choices = {
+            "policy": POLICIES,
+            "matvec": MATVECS,
+            "weight_l2": WEIGHT_L2,
+            "ring_copy": RING_COPIES,
+        }
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name in choices:
