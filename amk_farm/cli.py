@@ -515,6 +515,54 @@ def bench(
     print(report(result))
 
 
+@app.command()
+@_user_errors
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (from amk-farm compile).")],
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", help="Solver processes (default: every core).")
+    ] = 0,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Prove everything again (AMK_HOME/proofs unused).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prove ARTIFACT equivalent to its model graph: exit 0 only if every obligation is proved.
+
+    Certificates go into ARTIFACT/proof/; proved obligations are cached in AMK_HOME/proofs by
+    structural key, so identical layers and unchanged artifacts are proved once."""
+    from compiler.artifact import ArtifactError
+    from verifier.verify import verify as run_verify
+
+    if not (artifact / "manifest.json").is_file():
+        raise ArtifactError(f"{artifact} is not an artifact directory (no manifest.json)")
+    cache = None if no_cache else config.load().home / "proofs"
+
+    def progress(done: int, total: int) -> None:
+        _progress(f"verify {artifact}: {done}/{total} obligations")
+
+    report = run_verify(artifact, jobs=jobs or os.cpu_count() or 1, cache=cache, progress=progress)
+    _progress("")
+    summary = report.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        state = "verified" if report.ok else "NOT verified"
+        print(
+            f"{artifact}: {state}: {summary['proved']}/{summary['obligations']} obligations "
+            f"proved ({summary['cached']} from the cache) in {summary['seconds']:.1f}s"
+        )
+        for where, n in summary["by_class_and_layer"].items():
+            counts = ", ".join(f"{k} {v}" for k, v in n.items() if v)
+            print(f"  {where:<16} {counts}")
+        for line in report.failures():
+            print(f"FAILED {line}")
+        covered = ", ".join(f"({c}) {name}" for c, name in summary["not_covered"].items())
+        print(f"not yet obligations: {covered}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _artifact_or_compile(
     target: str, template: str | None, out: Path, model: str | None = None
 ) -> Path:

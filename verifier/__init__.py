@@ -1,0 +1,9 @@
+"""amk-farm verifier: proves an artifact's schedule does what the model graph says.
+
+`amk-farm verify ARTIFACT_DIR` (`verifier.verify.verify`): the artifact's files are read as
+given and judged against the verifier's own model of the decode step (`verifier.model`), built
+from the manifest's model spec; every claim is an obligation (`verifier.obligation`), one SMT
+query proved with Z3 under a deterministic resource limit (`verifier.solve`), its
+counterexample replayed without the solver (`verifier.replay`). Classes so far: (b) index maps
+(`verifier.index_maps`) and (c) schedule (`verifier.happens_before`).
+"""

@@ -1,0 +1,179 @@
+"""The verifier on real tiny-llama artifacts: fresh ones prove, hand-edited ones are rejected by
+the intended obligation class with a reason, equivalent edits still prove."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from amk_farm import catalog
+from amk_farm.cli import app
+from compiler.pipeline import compile_model
+from compiler.schedule.schedule import Options
+from compiler.spec import ShapeTemplate
+from verifier.obligation import Obligation
+from verifier.verify import verify
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "tiny"
+    spec, shape = catalog.resolve("tiny-llama"), ShapeTemplate.parse("b2-s64")
+    compile_model(spec, shape, "sm_90a", out, Options.for_target("sm_90a", 2))
+    return out
+
+
+def edited(fresh: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the artifact with schedule.json edited by `edit(schedule_dict)`."""
+    out = tmp_path / "edited"
+    shutil.copytree(fresh, out, ignore=shutil.ignore_patterns("proof"))
+    sched = json.loads((out / "schedule.json").read_text())
+    edit(sched)
+    (out / "schedule.json").write_text(json.dumps(sched))
+    return out
+
+
+def tasks_of(sched: dict, kind: str, layer: int) -> list[list]:
+    return [t for t in sched["tasks"] if t[2] == kind and t[3] == layer]
+
+
+def failed(report) -> list[tuple[Obligation, str]]:
+    return [(ob, r.reason) for ob, r, _ in report.results if not r.proved]
+
+
+def test_fresh_tiny_artifact_proves_and_writes_certificates(fresh, tmp_path):
+    report = verify(fresh, cache=tmp_path / "cache")
+    assert report.ok, report.failures()
+    classes = {ob.cls for ob, _, _ in report.results}
+    assert classes == {"b", "c"}
+    proof = fresh / "proof"
+    certs = [json.loads(p.read_text()) for p in proof.glob("[bc]-*.json")]
+    assert len(certs) == len({ob.key for ob, _, _ in report.results})
+    cert = certs[0]
+    assert cert["result"]["status"] == "proved" and cert["result"]["z3_version"]
+    assert "(assert" in cert["obligation"]["assumptions"] + cert["obligation"]["goal"]
+    assert cert["result"]["rlimit_used"] > 0
+    summary = json.loads((proof / "summary.json").read_text())
+    assert summary["verified"] is True and summary["proved"] == summary["obligations"]
+    again = verify(fresh, cache=tmp_path / "cache")  # identical obligations: all from the cache
+    assert again.ok and all(cached for _, _, cached in again.results)
+
+
+def test_identical_layers_share_keys_and_a_changed_query_changes_its_key(fresh):
+    report = verify(fresh, write_proof=False)
+    by_layer: dict[int, set[str]] = {}
+    for ob, _, _ in report.results:
+        if ob.layer >= 0 and ob.cls == "b":
+            by_layer.setdefault(ob.layer, set()).add(ob.key)
+    assert by_layer[0] == by_layer[1]  # tiny-llama's two layers: one proof each
+    # (the schedule shards differ: layer 0's holds EMBED, layer l > 0's holds layer l - 1)
+    ob = next(ob for ob, _, _ in report.results if ob.cls == "b")
+    i = ob.goal.index("(")
+    changed = Obligation(**(ob.to_json() | {"goal": ob.goal[:i] + " " + ob.goal[i:]}))
+    assert changed.key != ob.key  # one character of the query text
+    relabelled = Obligation(**(ob.to_json() | {"layer": 7, "subject": "x", "tasks": ()}))
+    assert relabelled.key == ob.key  # labels are not the query
+
+
+def test_dropped_dependency_is_rejected_by_the_schedule_class(fresh, tmp_path):
+    def drop(sched):  # attention of layer 1 no longer waits for its queries and keys
+        for t in tasks_of(sched, "attn_partial", 1):
+            t[5] = []
+
+    report = verify(edited(fresh, tmp_path, drop), write_proof=False)
+    assert not report.ok
+    bad = failed(report)
+    assert bad and {ob.cls for ob, _ in bad} == {"c"}
+    ob, reason = bad[0]
+    assert ob.layer == 1 and "may start before task" in reason and "required dependency" in reason
+
+
+def test_tile_bound_shifted_by_one_is_rejected_by_the_index_maps(fresh, tmp_path):
+    def shift(sched):  # the first o-proj tile of layer 0 ends one row late: overlap
+        tasks_of(sched, "oproj_residual", 0)[0][4][1] += 1
+
+    report = verify(edited(fresh, tmp_path, shift), write_proof=False)
+    bad = failed(report)
+    b = [(ob, reason) for ob, reason in bad if ob.cls == "b"]
+    assert b and b[0][0].layer == 0 and "oproj_residual x" in b[0][0].subject
+    assert "written by 2 tasks" in b[0][1]
+
+
+def test_task_pointed_at_another_layers_weights_is_rejected(fresh, tmp_path):
+    def point(sched):  # a QKV task of layer 1 computes with layer 0's weights and cache
+        tasks_of(sched, "qkv_rope_append", 1)[-1][3] = 0
+
+    report = verify(edited(fresh, tmp_path, point), write_proof=False)
+    reasons = [(ob.layer, ob.subject, reason) for ob, reason in failed(report) if ob.cls == "b"]
+    assert any(layer == 1 and "written by no task" in r for layer, _, r in reasons)
+    assert any(layer == 0 and "written by 2 tasks" in r for layer, _, r in reasons)
+
+
+def test_an_edit_is_seen_even_when_every_obligation_proves(fresh, tmp_path):
+    from verifier.mutate import EQUIVALENT
+
+    report = verify(edited(fresh, tmp_path, lambda s: EQUIVALENT[1][1](s)), write_proof=False)
+    assert all(r.proved for _, r, _ in report.results), report.failures()
+    assert not report.ok  # schedule.json's hash is no longer the manifest's
+    assert [f.split(":")[0] for f in report.failures()] == [
+        "(i) every file's sha256 is the manifest's",
+        "(i) kernel.cu's task table is schedule.json's",  # the kernel runs the old order
+    ]
+
+
+def test_verify_cli_json_and_exit_codes(fresh, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMK_HOME", str(tmp_path / "home"))
+    result = runner.invoke(app, ["verify", str(fresh), "--json", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["verified"] is True and summary["obligations"] == summary["proved"]
+    assert set(summary["by_class_and_layer"]) >= {"b layer 0", "c layer 1", "c global"}
+
+    def drop(sched):
+        for t in tasks_of(sched, "attn_partial", 1):
+            t[5] = []
+
+    bad = edited(fresh, tmp_path, drop)
+    result = runner.invoke(app, ["verify", str(bad)])
+    assert result.exit_code == 1
+    assert "(c) every required dependency ordered by the counters" in result.stdout
+    result = runner.invoke(app, ["verify", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+
+
+def test_every_planted_bug_is_rejected_by_its_class(fresh, tmp_path):
+    from verifier.mutate import CATALOG, kill_rates
+
+    assert len(CATALOG) >= 25
+    result = kill_rates(fresh, tmp_path)
+    missed = [m for m in result["mutants"] if not m.get("killed")]
+    assert not missed, missed
+    assert set(result["per_class"]) == {"b", "c", "i"}
+    assert sum(m["applied"] for m in result["mutants"]) == len(CATALOG)
+
+
+def test_equivalent_variants_still_prove(fresh, tmp_path):
+    from verifier.mutate import EQUIVALENT, apply
+
+    for i, (name, edit) in enumerate(EQUIVALENT):
+        dst = tmp_path / f"eq{i}"
+        assert apply(fresh, dst, edit) is not None, name
+        report = verify(dst, write_proof=False)
+        assert all(r.proved for _, r, _ in report.results), (name, report.failures())
+
+
+@pytest.mark.parametrize(
+    "option", [{"sm_count": 7}, {"kv_partitions": 2, "down_splits": 2, "row_tile": 32}]
+)
+def test_other_sm_counts_and_tilings_prove(tmp_path, option):
+    spec, shape = catalog.resolve("tiny-llama"), ShapeTemplate.parse("b2-s64")
+    out = tmp_path / "a"
+    compile_model(spec, shape, "sm_90a", out, Options.for_target("sm_90a", 2, **option))
+    report = verify(out, write_proof=False)
+    assert report.ok, report.failures()

@@ -1,0 +1,254 @@
+"""Class (c) obligations: the counters order every conflicting pair of accesses, and never stall.
+
+Execution model (schedule.py): in every decode step each SM runs its queue in order; a task
+starts once each of its waits `counters[c] >= (step + offset) * per_step[c] + count` holds and
+signals its counter once when done. Within one step, with earlier steps complete:
+
+* required dependencies, from the verifier's own regions (`verifier.model`, cache regions
+  widened to every position): for each region a task b touches, the tasks of the latest earlier
+  reference step that write it (read after write, write after write), continuing further back
+  while those writes do not cover it, and, if b writes it, the readers since then (write after
+  read); tasks of one step that conflict are required in id order (no order exists: a race).
+* ordered (per layer, `ordering`): no state the queues and waits allow has a required a
+  unfinished while its b could start (each wait a pseudo-boolean count of finished signallers). A shard holds the tasks of layer l (the b side)
+  and of layer l - 1; a signaller outside the shard counts as finished at any time, which only
+  allows more executions, so a proof of the shard holds for the whole step.
+* no deadlock (`progress`): no set of finished tasks, closed under queue order and with every
+  finished task's waits met by it, leaves some task unfinished while the next task of every
+  queue has an unmet wait.
+* per-step counts (`counts`): each counter's per_step is the number of tasks signalling it.
+
+Cross-step ordering (a step's tasks all after the previous step's) is not yet an obligation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable
+
+from compiler.schedule.schedule import Schedule, Task
+from verifier.index_maps import group_key
+from verifier.model import Geometry, Region, Touch, is_weight, overlap, program, volume
+from verifier.obligation import Obligation
+
+Box = tuple[tuple[int, int], ...]
+
+
+def static_box(r: Region, shape: tuple[int, ...]) -> Box:
+    """The region at every pos: a pos-dependent span becomes its whole dimension."""
+    out = []
+    for (lo, hi), n in zip(r.spans, shape, strict=True):
+        out.append((0, n) if lo.at_pos or hi.at_pos else (lo.const, hi.const))
+    return tuple(out)
+
+
+def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> set[tuple[int, int]]:
+    """Required (a, b): a must end before b starts (see the module docstring)."""
+    shapes = g.buffers()
+    order = {(s.kind, s.layer): i for i, s in enumerate(program(g))}
+    # per reference step and buffer: the (task, box) pairs written and read
+    w: dict[tuple[int, str], list[tuple[int, Box]]] = defaultdict(list)
+    r: dict[tuple[int, str], list[tuple[int, Box]]] = defaultdict(list)
+    mine: dict[int, list[tuple[str, str, Box]]] = defaultdict(list)  # task -> (mode, buffer, box)
+    step_of: dict[int, int] = {}
+    for t in sched.tasks:
+        key = group_key((t.kind, t.layer))
+        if t.id not in touched or key not in order:
+            continue
+        i = step_of[t.id] = order[key]
+        for mode, regions, into in (("w", touched[t.id].writes, w), ("r", touched[t.id].reads, r)):
+            for reg in regions:
+                if not is_weight(reg.buffer):
+                    box = static_box(reg, shapes[reg.buffer])
+                    into[i, reg.buffer].append((t.id, box))
+                    mine[t.id].append((mode, reg.buffer, box))
+    deps: set[tuple[int, int]] = set()
+    for b, i in step_of.items():
+        for mode, buf, box in mine[b]:
+            for a, x in w.get((i, buf), []):  # same step: any conflict is a race
+                if a < b and overlap(x, box):
+                    deps.add((a, b))
+            if mode == "w":
+                deps.update((a, b) for a, x in r.get((i, buf), []) if a < b and overlap(x, box))
+            for j in range(i - 1, -1, -1):
+                if mode == "w":  # write after read
+                    deps.update((a, b) for a, x in r.get((j, buf), []) if overlap(x, box))
+                hits = [(a, x) for a, x in w.get((j, buf), []) if overlap(x, box)]
+                deps.update((a, b) for a, _ in hits)
+                covered = sum(
+                    volume(
+                        tuple((max(p, q), min(u, v)) for (p, u), (q, v) in zip(x, box, strict=True))
+                    )
+                    for _, x in hits
+                )
+                if covered >= volume(box):
+                    break
+    return deps
+
+
+def _waits_met(
+    t: Task,
+    var: Callable[[int], str | None],
+    signallers: dict[int, list[int]],
+    per_step: dict[int, int],
+) -> str:
+    """SMT-LIB: every wait of t met, each as at least `need` finished signallers; `var(p)` is
+    p's finished boolean, or None for a task outside the query, which counts as finished."""
+    out = []
+    for c, count, offset in t.waits:
+        need = count + offset * per_step.get(c, 0)
+        names = [var(p) for p in signallers.get(c, [])]
+        inside = [n for n in names if n is not None]
+        need -= len(names) - len(inside)
+        if need <= 0:
+            continue
+        out.append(f"((_ at-least {need}) {' '.join(inside)})" if need <= len(inside) else "false")
+    return _and(out)
+
+
+def _and(parts: list[str]) -> str:
+    return "true" if not parts else parts[0] if len(parts) == 1 else f"(and {' '.join(parts)})"
+
+
+def _or(parts: list[str]) -> str:
+    return "false" if not parts else parts[0] if len(parts) == 1 else f"(or {' '.join(parts)})"
+
+
+def _signallers(sched: Schedule) -> tuple[dict[int, list[int]], dict[int, int]]:
+    signallers: dict[int, list[int]] = defaultdict(list)
+    for t in sched.tasks:
+        signallers[t.signal].append(t.id)
+    return signallers, {c: n for c, (_, n) in enumerate(sched.counters)}
+
+
+def ordering(
+    sched: Schedule, shard: set[int], deps: list[tuple[int, int]], layer: int
+) -> Obligation:
+    """Every dependency (a, b) with b in the shard is ordered (module docstring).
+
+    States, not times: booleans f_i (task i has finished) describe a state of the step; a
+    state is allowed when finished tasks are closed under queue order and each finished task's
+    waits are met by finished tasks. (a, b) is violated iff some allowed state has a unfinished
+    while b could start: its queue predecessor finished and its waits met. Allowed states
+    over-approximate the reachable ones, so unsat proves the order in every execution."""
+    local = {t: i for i, t in enumerate(sorted(shard))}  # query-local numbers: layers share text
+    signallers, per_step = _signallers(sched)
+
+    def var(p: int) -> str | None:
+        return f"f{local[p]}" if p in local else None
+
+    lines = [f"(declare-const f{i} Bool)" for i in range(len(local))]
+    before: dict[int, int] = {}
+    for q in sched.queues:
+        inq = [t for t in q if t in shard]
+        for a, b in itertools.pairwise(inq):
+            before[b] = a
+            lines.append(f"(assert (=> f{local[b]} f{local[a]}))")
+    met = {t: _waits_met(sched.tasks[t], var, signallers, per_step) for t in sorted(shard)}
+    lines += [f"(assert (=> f{local[t]} {met[t]}))" for t in sorted(shard) if met[t] != "true"]
+    needs: dict[int, list[int]] = defaultdict(list)
+    for a, b in deps:
+        needs[b].append(a)
+    cases = []
+    for b in sorted(needs):
+        ready = [met[b]] + ([f"f{local[before[b]]}"] if b in before else [])
+        cases.append(_and([*ready, _or([f"(not f{local[a]})" for a in needs[b]])]))
+    return Obligation(
+        "c",
+        "every required dependency ordered by the counters",
+        layer,
+        f"{len(shard)} tasks, {len(deps)} dependencies",
+        "\n".join(lines) + "\n",
+        f"(assert {_or(cases)})\n",
+        data={
+            "mode": "order",
+            "local": {str(t): i for t, i in local.items()},
+            "deps": [list(d) for d in deps],
+            "before": {str(b): a for b, a in before.items()},
+        },
+        tasks=tuple(sorted(shard)),
+    )
+
+
+def progress(sched: Schedule) -> Obligation:
+    """No allowed state where some task is unfinished and the next task of every queue has an
+    unmet wait (module docstring)."""
+    signallers, per_step = _signallers(sched)
+
+    def var(p: int) -> str | None:
+        return f"d{p}"
+
+    lines = [f"(declare-const d{t.id} Bool)" for t in sched.tasks]
+    stuck = []
+    for q in sched.queues:
+        lines += [f"(assert (=> d{b} d{a}))" for a, b in itertools.pairwise(q)]
+        for i, tid in enumerate(q):  # the first unfinished task of the queue cannot start
+            met = _waits_met(sched.tasks[tid], var, signallers, per_step)
+            first = _and([f"(not d{tid})", *([f"d{q[i - 1]}"] if i else [])])
+            stuck.append(f"(=> {first} (not {met}))")
+    for t in sched.tasks:
+        met = _waits_met(t, var, signallers, per_step)
+        if met != "true":
+            lines.append(f"(assert (=> d{t.id} {met}))")
+    unfinished = _or([f"(not d{t.id})" for t in sched.tasks])
+    return Obligation(
+        "c",
+        "no deadlock: some queue can always go on",
+        -1,
+        f"{len(sched.tasks)} tasks on {len(sched.queues)} queues",
+        "\n".join(lines) + "\n",
+        f"(assert {_and([unfinished, *stuck])})\n",
+        data={"mode": "progress"},
+        tasks=tuple(t.id for t in sched.tasks),
+    )
+
+
+def counts(sched: Schedule) -> Obligation:
+    """Each counter's declared per_step equals the number of tasks that signal it."""
+    actual: dict[int, int] = defaultdict(int)
+    for t in sched.tasks:
+        actual[t.signal] += 1
+    n = len(sched.counters)
+    pairs = [(declared, actual.get(c, 0)) for c, (_, declared) in enumerate(sched.counters)]
+    lines = [
+        f"(declare-const per_step{c} Int)\n(assert (= per_step{c} {d}))"
+        for c, (d, _) in enumerate(pairs)
+    ]
+    wrong = [f"(not (= per_step{c} {a}))" for c, (_, a) in enumerate(pairs)]
+    wrong += ["true" for t in sched.tasks if not 0 <= t.signal < n]  # signals no counter
+    return Obligation(
+        "c",
+        "per-step counts: each counter's target per step is its number of signallers",
+        -1,
+        f"{n} counters",
+        "\n".join(lines) + "\n",
+        f"(assert {_or(wrong)})\n",
+        data={"mode": "counts", "pairs": pairs},
+    )
+
+
+def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list[Obligation]:
+    deps = dependencies(sched, touched, g)
+    layer_of = {
+        t.id: (t.layer if group_key((t.kind, t.layer))[1] >= 0 else None)
+        for t in sched.tasks
+        if t.id in touched
+    }
+    by_layer: dict[int, set[int]] = defaultdict(set)
+    globals_ = {t for t, layer in layer_of.items() if layer is None}
+    for t, layer in layer_of.items():
+        if layer is not None:
+            by_layer[layer].add(t)
+    out = [counts(sched), progress(sched)]
+    for layer in range(g.layers):
+        b_side = by_layer[layer]
+        shard = b_side | by_layer.get(layer - 1, set()) | (globals_ if layer == 0 else set())
+        mine = sorted((a, b) for a, b in deps if b in b_side)
+        shard |= {a for a, _ in mine}
+        out.append(ordering(sched, shard, mine, layer))
+    # EMBED, the LM head and the argmax: their dependencies (the token's write after its read)
+    # run through every layer, so their shard is the whole step
+    mine = sorted((a, b) for a, b in deps if b in globals_)
+    out.append(ordering(sched, set(layer_of), mine, -1))
+    return out
