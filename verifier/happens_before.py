@@ -27,9 +27,11 @@ import itertools
 from collections import defaultdict
 from collections.abc import Callable
 
+import numpy as np
+
 from compiler.schedule.schedule import Schedule, Task
 from verifier.index_maps import group_key
-from verifier.model import Geometry, Region, Touch, is_weight, overlap, program, volume
+from verifier.model import Geometry, Region, Touch, is_weight, program, volume
 from verifier.obligation import Obligation
 
 Box = tuple[tuple[int, int], ...]
@@ -41,6 +43,23 @@ def static_box(r: Region, shape: tuple[int, ...]) -> Box:
     for (lo, hi), n in zip(r.spans, shape, strict=True):
         out.append((0, n) if lo.at_pos or hi.at_pos else (lo.const, hi.const))
     return tuple(out)
+
+
+class _Boxes:
+    """The (task, box) pairs of one step on one buffer, as arrays for overlap queries."""
+
+    def __init__(self, pairs: list[tuple[int, Box]]) -> None:
+        self.ids = np.array([t for t, _ in pairs], dtype=np.int64)
+        self.lo = np.array([[lo for lo, _ in box] for _, box in pairs], dtype=np.int64)
+        self.hi = np.array([[hi for _, hi in box] for _, box in pairs], dtype=np.int64)
+
+    def hits(self, box: Box) -> tuple[np.ndarray, int]:
+        """Ids of the boxes overlapping `box`, and the volume of their overlaps with it."""
+        blo = np.array([lo for lo, _ in box], dtype=np.int64)
+        bhi = np.array([hi for _, hi in box], dtype=np.int64)
+        lo, hi = np.maximum(self.lo, blo), np.minimum(self.hi, bhi)
+        hit = np.all(lo < hi, axis=1)
+        return self.ids[hit], int(np.prod(hi[hit] - lo[hit], axis=1).sum())
 
 
 def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> set[tuple[int, int]]:
@@ -63,27 +82,24 @@ def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> set
                     box = static_box(reg, shapes[reg.buffer])
                     into[i, reg.buffer].append((t.id, box))
                     mine[t.id].append((mode, reg.buffer, box))
+    wb = {k: _Boxes(v) for k, v in w.items()}
+    rb = {k: _Boxes(v) for k, v in r.items()}
     deps: set[tuple[int, int]] = set()
     for b, i in step_of.items():
         for mode, buf, box in mine[b]:
-            for a, x in w.get((i, buf), []):  # same step: any conflict is a race
-                if a < b and overlap(x, box):
-                    deps.add((a, b))
-            if mode == "w":
-                deps.update((a, b) for a, x in r.get((i, buf), []) if a < b and overlap(x, box))
+            # same step: any conflict is a race, required in id order
+            same = [wb[i, buf].hits(box)[0]] if (i, buf) in wb else []
+            if mode == "w" and (i, buf) in rb:
+                same.append(rb[i, buf].hits(box)[0])
+            deps.update((int(a), b) for ids in same for a in ids if a < b)
             for j in range(i - 1, -1, -1):
-                if mode == "w":  # write after read
-                    deps.update((a, b) for a, x in r.get((j, buf), []) if overlap(x, box))
-                hits = [(a, x) for a, x in w.get((j, buf), []) if overlap(x, box)]
-                deps.update((a, b) for a, _ in hits)
-                covered = sum(
-                    volume(
-                        tuple((max(p, q), min(u, v)) for (p, u), (q, v) in zip(x, box, strict=True))
-                    )
-                    for _, x in hits
-                )
-                if covered >= volume(box):
-                    break
+                if mode == "w" and (j, buf) in rb:  # write after read
+                    deps.update((int(a), b) for a in rb[j, buf].hits(box)[0])
+                if (j, buf) in wb:
+                    ids, covered = wb[j, buf].hits(box)
+                    deps.update((int(a), b) for a in ids)
+                    if covered >= volume(box):
+                        break
     return deps
 
 
@@ -247,8 +263,29 @@ def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list
         mine = sorted((a, b) for a, b in deps if b in b_side)
         shard |= {a for a, _ in mine}
         out.append(ordering(sched, shard, mine, layer))
-    # EMBED, the LM head and the argmax: their dependencies (the token's write after its read)
-    # run through every layer, so their shard is the whole step
-    mine = sorted((a, b) for a, b in deps if b in globals_)
-    out.append(ordering(sched, set(layer_of), mine, -1))
+    # EMBED, the LM head and the argmax, with the last layer: a dependency that a chain of
+    # other required dependencies implies (the argmax's write of the token after EMBED's read
+    # of it: through every layer) needs no query, since each link is proved in its own shard
+    succ: dict[int, list[int]] = defaultdict(list)
+    for a, b in deps:
+        succ[a].append(b)
+    mine = [(a, b) for a, b in sorted(deps) if b in globals_ and not _chained(a, b, succ)]
+    shard = globals_ | by_layer.get(g.layers - 1, set()) | {a for a, _ in mine}
+    out.append(ordering(sched, shard, mine, -1))
     return out
+
+
+def _chained(a: int, b: int, succ: dict[int, list[int]]) -> bool:
+    """Is there a path a -> ... -> b of at least two required dependencies (`succ`: each task's
+    dependents)? They all point forward in program order, so no such path can use (a, b)
+    itself, nor a dependency that is implied through (a, b): the composition is sound."""
+    seen, todo = {a}, [a]
+    while todo:
+        x = todo.pop()
+        for y in succ.get(x, ()):
+            if y == b and x != a:
+                return True
+            if y not in seen and y != b:
+                seen.add(y)
+                todo.append(y)
+    return False

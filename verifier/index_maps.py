@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-import z3
-
 from compiler.schedule.schedule import Schedule
 from verifier.model import LAYER_KINDS, Bound, Geometry, Region, Step, Touch, program
 from verifier.obligation import Obligation
@@ -27,17 +25,21 @@ from verifier.obligation import Obligation
 Tasked = tuple[int, Region]  # (task id, region)
 
 
-def _term(b: Bound, pos: z3.ArithRef) -> z3.ArithRef:
-    return b.at_pos * pos + b.const if b.at_pos else z3.IntVal(b.const)
+def _term(b: Bound) -> str:
+    if not b.at_pos:
+        return str(b.const) if b.const >= 0 else f"(- {-b.const})"
+    scaled = "pos" if b.at_pos == 1 else f"(* {b.at_pos} pos)"
+    return scaled if not b.const else f"(+ {scaled} {_term(Bound.of(b.const))})"
 
 
-def _inside(r: Region, e: Sequence[z3.ArithRef], pos: z3.ArithRef) -> z3.BoolRef:
-    return z3.And(
-        [
-            z3.And(_term(lo, pos) <= x, x < _term(hi, pos))
-            for x, (lo, hi) in zip(e, r.spans, strict=True)
-        ]
-    )
+def _inside(r: Region) -> str:
+    """SMT-LIB: element (e0, e1, ...) lies in r (at the symbolic position pos)."""
+    parts = [f"(<= {_term(lo)} e{d}) (< e{d} {_term(hi)})" for d, (lo, hi) in enumerate(r.spans)]
+    return f"(and {' '.join(parts)})"
+
+
+def _in_shape(shape: Sequence[int]) -> str:
+    return "(and " + " ".join(f"(<= 0 e{d}) (< e{d} {n})" for d, n in enumerate(shape)) + ")"
 
 
 def _bounds(regions: Iterable[Region], shape: Sequence[int]) -> list[tuple[int, int]]:
@@ -55,22 +57,15 @@ def _span_json(r: Region) -> list[list[int]]:
     return [[lo.at_pos, lo.const, hi.at_pos, hi.const] for lo, hi in r.spans]
 
 
-def _query(
-    name: str, shape: Sequence[int], S: int, regions: Sequence[Region]
-) -> tuple[list[z3.ArithRef], z3.ArithRef, list[z3.BoolRef]]:
-    """Element variables e0.. and pos, with their ranges as assumptions."""
-    pos = z3.Int("pos")
-    e = [z3.Int(f"e{d}") for d in range(len(shape))]
-    facts = [pos >= 0, pos < S]
-    for x, (lo, hi) in zip(e, _bounds(regions, shape), strict=True):
-        facts += [x >= lo, x <= hi]
-    return e, pos, facts
-
-
-def _text(facts: list[z3.BoolRef], goal: z3.BoolRef) -> tuple[str, str]:
-    s = z3.Solver()
-    s.add(facts)
-    return s.sexpr(), f"(assert {goal.sexpr()})\n"
+def _facts(shape: Sequence[int], S: int, regions: Sequence[Region]) -> str:
+    """Declarations of e0.. and pos, with their ranges."""
+    lines = ["(declare-const pos Int)", f"(assert (and (>= pos 0) (< pos {S})))"]
+    for d, (lo, hi) in enumerate(_bounds(regions, shape)):
+        lines += [
+            f"(declare-const e{d} Int)",
+            f"(assert (and (>= e{d} {_term(Bound.of(lo))}) (<= e{d} {hi})))",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def writers(
@@ -78,21 +73,18 @@ def writers(
 ) -> Obligation:
     """Exactly one writer per element of `buffer` for the tasks of `step` (see the docstring)."""
     ref = [r for r in (step.writes if step else ()) if r.buffer == buffer]
-    regions = [r for _, r in writes] + ref
-    e, pos, facts = _query(buffer, shape, g.S, regions)
-    count = z3.Sum([z3.If(_inside(r, e, pos), 1, 0) for _, r in writes]) if writes else z3.IntVal(0)
-    in_shape = z3.And([z3.And(x >= 0, x < n) for x, n in zip(e, shape, strict=True)])
-    in_ref = z3.Or([_inside(r, e, pos) for r in ref]) if ref else z3.BoolVal(False)
-    expected = z3.If(z3.And(in_shape, in_ref), 1, 0)
-    assumptions, goal = _text(facts, count != expected)
+    facts = _facts(shape, g.S, [r for _, r in writes] + ref)
+    count = "(+ 0 " + " ".join(f"(ite {_inside(r)} 1 0)" for _, r in writes) + ")"
+    in_ref = "(or false " + " ".join(_inside(r) for r in ref) + ")"
+    expected = f"(ite (and {_in_shape(shape)} {in_ref}) 1 0)"
     kind = step.kind.value if step else "tasks"
     return Obligation(
         "b",
         "one writer per element" if ref else "no write outside the step's outputs",
         step.layer if step else -1,
         f"{kind} {_generic(buffer)}",
-        assumptions,
-        goal,
+        facts,
+        f"(assert (not (= {count} {expected})))\n",
         data={
             "mode": "writes",
             "buffer": buffer,
@@ -108,18 +100,18 @@ def writers(
 def reads_in_bounds(
     step: Step, buffer: str, shape: Sequence[int], reads: Sequence[Tasked], g: Geometry
 ) -> Obligation:
-    """No element of a read region of `buffer` lies outside the buffer."""
-    e, pos, facts = _query(buffer, shape, g.S, [r for _, r in reads])
-    in_shape = z3.And([z3.And(x >= 0, x < n) for x, n in zip(e, shape, strict=True)])
-    touched = z3.Or([_inside(r, e, pos) for _, r in reads])
-    assumptions, goal = _text(facts, z3.And(touched, z3.Not(in_shape)))
+    """No element of a read region of `buffer` lies outside the buffer (each distinct region
+    once: many tasks read the same one)."""
+    distinct = sorted({r.spans: r for _, r in reads}.values(), key=lambda r: str(r.spans))
+    facts = _facts(shape, g.S, distinct)
+    touched = "(or " + " ".join(_inside(r) for r in distinct) + ")"
     return Obligation(
         "b",
         "reads in bounds",
         step.layer,
         f"{step.kind.value} {_generic(buffer)}",
-        assumptions,
-        goal,
+        facts,
+        f"(assert (and {touched} (not {_in_shape(shape)})))\n",
         data={
             "mode": "reads",
             "buffer": buffer,

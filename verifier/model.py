@@ -330,9 +330,5 @@ def touches(kind: Kind, layer: int, params: tuple[int, ...], g: Geometry) -> Tou
     raise ParamError(f"unknown kind {kind}")  # pragma: no cover - Kind is closed
 
 
-def overlap(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> bool:
-    return all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b, strict=True))
-
-
 def volume(box: tuple[tuple[int, int], ...]) -> int:
     return math.prod(max(0, hi - lo) for lo, hi in box)

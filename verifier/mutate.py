@@ -235,6 +235,28 @@ CATALOG: tuple[Mutant, ...] = (
         "kernel.cu",
     ),
     Mutant(
+        "kernel.cu: split-K count not dividing the columns",
+        "d",
+        _kernel(r"^constexpr int KS = (\d+);", lambda m: "constexpr int KS = 3;", "KS = 3"),
+        "kernel.cu",
+    ),
+    Mutant(
+        "kernel.cu: merge does not rescale the second state",
+        "e",
+        _kernel(r"o2\[i\] \* a2;", lambda m: "o2[i];", "softmax_merge adds o2 unscaled"),
+        "kernel.cu",
+    ),
+    Mutant(
+        "kernel.cu: push with the old maximum",
+        "e",
+        _kernel(
+            r"const float mn = fmaxf\(m, s\);",
+            lambda m: "const float mn = m;",
+            "softmax_push keeps m",
+        ),
+        "kernel.cu",
+    ),
+    Mutant(
         "kernel.cu: per-step count +1",
         "c",
         _kernel(
@@ -306,8 +328,9 @@ def rejected_by(report: Any) -> set[str]:
     """Classes whose obligations (or, for i, checks) failed."""
     out = {ob.cls for ob, r, _ in report.results if not r.proved}
     hashes = "every file's sha256 is the manifest's"
-    if any(not ok for name, ok, _ in report.checks if name != hashes):
-        out.add("i")
+    for name, ok, _ in report.checks:
+        if not ok and name != hashes:
+            out.add(name[1] if name.startswith("(") else "i")
     return out
 
 

@@ -8,6 +8,7 @@ whose target is not its number of signallers. It returns (confirmed, one-line re
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from verifier.obligation import Obligation
@@ -77,12 +78,96 @@ def _counts(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
     return True, "a task signals a counter that does not exist"
 
 
+def _split_k(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    j, ci = int(values.get("j", 0)), data["I"] // data["KS"]
+    n = sum(k * ci <= j < (k + 1) * ci for k in range(data["KS"]))
+    return (
+        n != 1,
+        f"column {j} of {data['I']} lies in {n} of the {data['KS']} split-K chunks (CI = {ci})",
+    )
+
+
+def _split_kv(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    pos, j = int(values.get("pos", 0)), int(values.get("j", 0))
+    P, S, w = data["P"], data["S"], data["window"]
+    c, lo = -(-S // P), max(0, pos - w + 1) if w else 0
+    n = sum(max(p * c, lo) <= j < min((p + 1) * c, S, pos + 1) for p in range(P))
+    want = 1 if lo <= j <= pos else 0
+    return (
+        n != want,
+        f"at pos {pos}, key {j} is read by {n} partitions; the mask lets it through {want} time(s)",
+    )
+
+
+def _lm_tiles(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    v, V, NT = int(values.get("v", 0)), data["V"], data["NT"]
+    cv = -(-V // NT)
+    n = sum(t * cv <= v < min((t + 1) * cv, V) for t in range(NT))
+    return n != 1, f"vocabulary row {v} lies in {n} LM-head tiles"
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _merge(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    m1, m2, S1, S2, T1, T2 = (
+        float(values.get(k, 0.0)) for k in ("m1", "m2", "S1", "S2", "T1", "T2")
+    )
+    M = max(m1, m2) if data["use_max"] else min(m1, m2)
+    try:
+        a1, a2 = math.exp(m1 - M), math.exp(m2 - M)
+        lm = S1 * math.exp(-m1) * a1 + S2 * math.exp(-m2) * a2
+        o = T1 * math.exp(-m1) * a1 + T2 * math.exp(-m2) * (a2 if data["o_rescaled"] else 1.0)
+        want_l, want_o = (S1 + S2) * math.exp(-M), (T1 + T2) * math.exp(-M)
+    except OverflowError:
+        return False, "exp overflows on the solver's values"
+    bad = not (_close(lm, want_l) and _close(o, want_o))
+    return bad, (
+        f"m = ({m1:g}, {m2:g}), S = ({S1:g}, {S2:g}), T = ({T1:g}, {T2:g}): the merged (l, o) = "
+        f"({lm:g}, {o:g}), the union's ({want_l:g}, {want_o:g})"
+    )
+
+
+def _push(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    m, S, T, s, v = (float(values.get(k, 0.0)) for k in ("m", "S", "T", "s", "v"))
+    mn = max(m, s)
+    try:
+        lp = S * math.exp(-m) * math.exp(m - mn) + math.exp(s - mn)
+        o = T * math.exp(-m) * math.exp(m - mn) + math.exp(s - mn) * v
+        want_l, want_o = (S + math.exp(s)) * math.exp(-mn), (T + math.exp(s) * v) * math.exp(-mn)
+    except OverflowError:
+        return False, "exp overflows on the solver's values"
+    bad = not (_close(lp, want_l) and _close(o, want_o))
+    return (
+        bad,
+        f"m = {m:g}, s = {s:g}: the pushed state ({lp:g}, {o:g}) is not the keys' ({want_l:g}, {want_o:g})",
+    )
+
+
+def _float_safety(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    m1, m2 = float(values.get("m1", 0.0)), float(values.get("m2", 0.0))
+    M = max(m1, m2) if data["use_max"] else min(m1, m2)
+    if m1 - M > 0 or m2 - M > 0:
+        return (
+            True,
+            f"m = ({m1:g}, {m2:g}), M = {M:g}: a rescale exponent is {max(m1, m2) - M:g} > 0",
+        )
+    return False, "exponents <= 0 on the solver's values"
+
+
 REPLAYS = {
     "writes": _writes,
     "reads": _reads,
     "order": _order,
     "progress": _progress,
     "counts": _counts,
+    "split_k": _split_k,
+    "split_kv": _split_kv,
+    "lm_tiles": _lm_tiles,
+    "merge": _merge,
+    "push": _push,
+    "float_safety": _float_safety,
 }
 
 

@@ -58,6 +58,10 @@ def _values(model: z3.ModelRef) -> dict[str, Any]:
         v = model[d]
         if z3.is_int_value(v):
             out[d.name()] = v.as_long()
+        elif z3.is_rational_value(v):
+            out[d.name()] = float(v.as_fraction())
+        elif z3.is_algebraic_value(v):
+            out[d.name()] = float(v.approx(20).as_fraction())
         elif z3.is_true(v) or z3.is_false(v):
             out[d.name()] = z3.is_true(v)
         else:

@@ -1,0 +1,84 @@
+"""Class (d) obligations: the split reductions partition their domains.
+
+With the kernel's own integer formulas (kernel.cu's constants, C and CI as it computes them)
+and a symbolic index:
+
+* split-K of the down projection: chunk k of KS covers columns [k*CI, (k+1)*CI), CI = I / KS
+  (integer division); every column j of [0, I) lies in exactly one chunk. (The combiner reads
+  chunks 0..KS-1 of every row, and (b) proves each chunk's partial written exactly once, so the
+  combined sum is the sum over all columns.)
+* split-KV: partition p of P reads keys [max(p*C, lo), min((p+1)*C, S, pos+1)), C = ceil(S/P),
+  lo = max(0, pos - WINDOW + 1) with a sliding window, else 0; for every position 0 <= pos < S
+  every key j is read by exactly one partition if lo <= j <= pos (the keys the model's mask
+  lets through), by none otherwise.
+* LM-head tiles: tile t of NT covers vocabulary rows [t*CV, min((t+1)*CV, V)), CV = ceil(V/NT);
+  every row in exactly one tile (the argmax reduces tiles 0..NT-1 in order).
+"""
+
+from __future__ import annotations
+
+from verifier.model import Geometry
+from verifier.obligation import Obligation
+
+
+def _count(cases: list[str]) -> str:
+    return "(+ " + " ".join(f"(ite {c} 1 0)" for c in cases) + " 0)"
+
+
+def split_k(g: Geometry) -> Obligation:
+    ci = g.I // g.KS  # the kernel's CI = I / KS
+    facts = f"(declare-const j Int)\n(assert (and (>= j 0) (< j {g.I})))\n"
+    cases = [f"(and (<= {k * ci} j) (< j {(k + 1) * ci}))" for k in range(g.KS)]
+    return Obligation(
+        "d",
+        "split-K chunks partition the reduced columns",
+        -1,
+        f"down projection, KS = {g.KS}, I = {g.I}",
+        facts,
+        f"(assert (not (= {_count(cases)} 1)))\n",
+        data={"mode": "split_k", "I": g.I, "KS": g.KS},
+    )
+
+
+def split_kv(g: Geometry) -> Obligation:
+    window = g.spec.sliding_window or 0
+    lo = f"(ite (> (- pos {window - 1}) 0) (- pos {window - 1}) 0)" if window else "0"
+    facts = (
+        "(declare-const pos Int)\n(declare-const j Int)\n"
+        f"(assert (and (>= pos 0) (< pos {g.S}) (>= j 0) (< j {g.S})))\n"
+    )
+    cases = []
+    for p in range(g.P):
+        j0 = f"(ite (> {p * g.C} {lo}) {p * g.C} {lo})"
+        end = min((p + 1) * g.C, g.S)
+        j1 = f"(ite (< {end} (+ pos 1)) {end} (+ pos 1))"
+        cases.append(f"(and (<= {j0} j) (< j {j1}))")
+    visible = f"(and (<= {lo} j) (<= j pos))"
+    goal = f"(assert (not (= {_count(cases)} (ite {visible} 1 0))))\n"
+    return Obligation(
+        "d",
+        "split-KV partitions read exactly the visible keys",
+        -1,
+        f"attention, P = {g.P}, S = {g.S}, window = {window or 'none'}",
+        facts,
+        goal,
+        data={"mode": "split_kv", "P": g.P, "S": g.S, "window": window},
+    )
+
+
+def lm_tiles(g: Geometry) -> Obligation:
+    facts = f"(declare-const v Int)\n(assert (and (>= v 0) (< v {g.V})))\n"
+    cases = [f"(and (<= {t * g.CV} v) (< v {min((t + 1) * g.CV, g.V)}))" for t in range(g.NT)]
+    return Obligation(
+        "d",
+        "LM-head tiles partition the vocabulary",
+        -1,
+        f"LM head, NT = {g.NT}, V = {g.V}",
+        facts,
+        f"(assert (not (= {_count(cases)} 1)))\n",
+        data={"mode": "lm_tiles", "V": g.V, "NT": g.NT},
+    )
+
+
+def obligations(g: Geometry) -> list[Obligation]:
+    return [split_k(g), split_kv(g), lm_tiles(g)]
