@@ -5,5 +5,7 @@ given and judged against the verifier's own model of the decode step (`verifier.
 from the manifest's model spec; every claim is an obligation (`verifier.obligation`), one SMT
 query proved with Z3 under a deterministic resource limit (`verifier.solve`), its
 counterexample replayed without the solver (`verifier.replay`). Classes so far: (b) index maps
-(`verifier.index_maps`) and (c) schedule (`verifier.happens_before`).
+(`verifier.index_maps`), (c) schedule (`verifier.happens_before`), (d) split reductions
+(`verifier.reductions`), (e) attention (`verifier.attention`); kernel.cu's own task table is
+read back (`verifier.kernel_table`); planted bugs in `verifier.mutate`.
 """

@@ -18,7 +18,7 @@ signals its counter once when done. Within one step, with earlier steps complete
   queue has an unmet wait.
 * per-step counts (`counts`): each counter's per_step is the number of tasks signalling it.
 
-Cross-step ordering (a step's tasks all after the previous step's) is not yet an obligation.
+* steps do not overlap (`cross_step`): with the above, by induction over decode steps.
 """
 
 from __future__ import annotations
@@ -103,23 +103,42 @@ def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> set
     return deps
 
 
-def _waits_met(
-    t: Task,
-    var: Callable[[int], str | None],
-    signallers: dict[int, list[int]],
-    per_step: dict[int, int],
-) -> str:
-    """SMT-LIB: every wait of t met, each as at least `need` finished signallers; `var(p)` is
-    p's finished boolean, or None for a task outside the query, which counts as finished."""
+class _Done:
+    """Per query: "every signaller of counter c inside the query has finished", one defined
+    boolean per counter (`all0`, `all1`, ... in order of first use, so that layers of the same
+    shape give the same text), instead of the list of its signallers at every use."""
+
+    def __init__(self, var: Callable[[int], str | None], signallers: dict[int, list[int]]) -> None:
+        self.var, self.signallers = var, signallers
+        self.names: dict[int, str] = {}
+        self.lines: list[str] = []
+
+    def inside(self, c: int) -> list[str]:
+        return [n for n in (self.var(p) for p in self.signallers.get(c, [])) if n is not None]
+
+    def all(self, c: int) -> str:
+        if c not in self.names:
+            self.names[c] = f"all{len(self.names)}"
+            self.lines.append(f"(define-fun {self.names[c]} () Bool {_and(self.inside(c))})")
+        return self.names[c]
+
+
+def _waits_met(t: Task, done: _Done, per_step: dict[int, int]) -> str:
+    """SMT-LIB: every wait of t met, each as at least `need` finished signallers (a task
+    outside the query counts as finished)."""
     out = []
     for c, count, offset in t.waits:
         need = count + offset * per_step.get(c, 0)
-        names = [var(p) for p in signallers.get(c, [])]
-        inside = [n for n in names if n is not None]
-        need -= len(names) - len(inside)
+        inside = done.inside(c)
+        need -= len(done.signallers.get(c, [])) - len(inside)
         if need <= 0:
             continue
-        out.append(f"((_ at-least {need}) {' '.join(inside)})" if need <= len(inside) else "false")
+        if need > len(inside):
+            out.append("false")
+        elif need == len(inside):
+            out.append(done.all(c))
+        else:
+            out.append(f"((_ at-least {need}) {' '.join(inside)})")
     return _and(out)
 
 
@@ -147,13 +166,11 @@ def ordering(
     state is allowed when finished tasks are closed under queue order and each finished task's
     waits are met by finished tasks. (a, b) is violated iff some allowed state has a unfinished
     while b could start: its queue predecessor finished and its waits met. Allowed states
-    over-approximate the reachable ones, so unsat proves the order in every execution."""
+    over-approximate the reachable ones, so unsat proves the order in every execution. The
+    a's of one b that are every signaller of a counter appear as that counter's `all`."""
     local = {t: i for i, t in enumerate(sorted(shard))}  # query-local numbers: layers share text
     signallers, per_step = _signallers(sched)
-
-    def var(p: int) -> str | None:
-        return f"f{local[p]}" if p in local else None
-
+    done = _Done(lambda p: f"f{local[p]}" if p in local else None, signallers)
     lines = [f"(declare-const f{i} Bool)" for i in range(len(local))]
     before: dict[int, int] = {}
     for q in sched.queues:
@@ -161,26 +178,36 @@ def ordering(
         for a, b in itertools.pairwise(inq):
             before[b] = a
             lines.append(f"(assert (=> f{local[b]} f{local[a]}))")
-    met = {t: _waits_met(sched.tasks[t], var, signallers, per_step) for t in sorted(shard)}
+    met = {t: _waits_met(sched.tasks[t], done, per_step) for t in sorted(shard)}
     lines += [f"(assert (=> f{local[t]} {met[t]}))" for t in sorted(shard) if met[t] != "true"]
-    needs: dict[int, list[int]] = defaultdict(list)
+    needs: dict[int, set[int]] = defaultdict(set)
     for a, b in deps:
-        needs[b].append(a)
-    cases = []
+        needs[b].add(a)
+    cases, grouped = [], {}
     for b in sorted(needs):
+        by_counter: dict[int, set[int]] = defaultdict(set)
+        for a in needs[b]:
+            by_counter[sched.tasks[a].signal].add(a)
+        whole = sorted(
+            c for c, xs in by_counter.items() if xs == {p for p in signallers[c] if p in local}
+        )
+        some = sorted(a for c, xs in by_counter.items() if c not in whole for a in xs)
+        unmet = [f"(not {done.all(c)})" for c in whole] + [f"(not f{local[a]})" for a in some]
         ready = [met[b]] + ([f"f{local[before[b]]}"] if b in before else [])
-        cases.append(_and([*ready, _or([f"(not f{local[a]})" for a in needs[b]])]))
+        cases.append(_and([*ready, _or(unmet)]))
+        grouped[str(b)] = {"all": whole, "some": some}
     return Obligation(
         "c",
         "every required dependency ordered by the counters",
         layer,
         f"{len(shard)} tasks, {len(deps)} dependencies",
-        "\n".join(lines) + "\n",
+        "\n".join(lines[: len(local)] + done.lines + lines[len(local) :]) + "\n",
         f"(assert {_or(cases)})\n",
         data={
             "mode": "order",
             "local": {str(t): i for t, i in local.items()},
-            "deps": [list(d) for d in deps],
+            "needs": grouped,
+            "signallers": {str(c): [p for p in signallers[c] if p in local] for c in done.names},
             "before": {str(b): a for b, a in before.items()},
         },
         tasks=tuple(sorted(shard)),
@@ -191,22 +218,17 @@ def progress(sched: Schedule) -> Obligation:
     """No allowed state where some task is unfinished and the next task of every queue has an
     unmet wait (module docstring)."""
     signallers, per_step = _signallers(sched)
-
-    def var(p: int) -> str | None:
-        return f"d{p}"
-
+    done = _Done(lambda p: f"d{p}", signallers)
     lines = [f"(declare-const d{t.id} Bool)" for t in sched.tasks]
+    met = {t.id: _waits_met(t, done, per_step) for t in sched.tasks}
+    lines += done.lines
     stuck = []
     for q in sched.queues:
         lines += [f"(assert (=> d{b} d{a}))" for a, b in itertools.pairwise(q)]
         for i, tid in enumerate(q):  # the first unfinished task of the queue cannot start
-            met = _waits_met(sched.tasks[tid], var, signallers, per_step)
             first = _and([f"(not d{tid})", *([f"d{q[i - 1]}"] if i else [])])
-            stuck.append(f"(=> {first} (not {met}))")
-    for t in sched.tasks:
-        met = _waits_met(t, var, signallers, per_step)
-        if met != "true":
-            lines.append(f"(assert (=> d{t.id} {met}))")
+            stuck.append(f"(=> {first} (not {met[tid]}))")
+    lines += [f"(assert (=> d{t} {m}))" for t, m in met.items() if m != "true"]
     unfinished = _or([f"(not d{t.id})" for t in sched.tasks])
     return Obligation(
         "c",
@@ -272,7 +294,78 @@ def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list
     mine = [(a, b) for a, b in sorted(deps) if b in globals_ and not _chained(a, b, succ)]
     shard = globals_ | by_layer.get(g.layers - 1, set()) | {a for a, _ in mine}
     out.append(ordering(sched, shard, mine, -1))
-    return out
+    return [*out, cross_step(sched, touched, deps)]
+
+
+def cross_step(
+    sched: Schedule, touched: dict[int, Touch], deps: set[tuple[int, int]]
+) -> Obligation:
+    """Steps do not overlap: every task of step s ends before any task of step s + 1 starts.
+
+    Composed from facts proved elsewhere and one query. R, the tasks that write the token,
+    and E, the tasks that read it (EMBED): (1) every task has a chain of required dependencies
+    to some R, so ends before R ends; (2) every task but E has a chain from some E, so starts
+    after E ends; both chains are graph facts over dependencies each proved in its shard. (3)
+    The query: at step s + 1 an E task cannot start before every signal that R gives in step
+    s: with n_prev of R's per-step signals from step s and none yet from step s + 1 (R of
+    step s + 1 comes after E by (2)), some wait of E would be met with n_prev < per_step.
+    With (1)-(3), by induction over steps, each step runs as the single-step obligations
+    assume (earlier steps complete)."""
+    writes_token = {t for t, x in touched.items() if any(r.buffer == "token" for r in x.writes)}
+    reads_token = {t for t, x in touched.items() if any(r.buffer == "token" for r in x.reads)}
+    succ: dict[int, set[int]] = defaultdict(set)
+    pred: dict[int, set[int]] = defaultdict(set)
+    for a, b in deps:
+        succ[a].add(b)
+        pred[b].add(a)
+    before_r = _closure(writes_token, pred)
+    after_e = _closure(reads_token, succ)
+    loose = sorted(set(touched) - before_r)
+    early = sorted(set(touched) - after_e)
+    signals = sorted({sched.tasks[t].signal for t in writes_token})
+    per_step = {c: n for c, (_, n) in enumerate(sched.counters)}
+    lines = []
+    for c in signals:  # n_prev{c}: signals on c that step s has given when E of step s + 1 asks
+        lines += [
+            f"(declare-const n_prev{c} Int)",
+            f"(assert (and (>= n_prev{c} 0) (<= n_prev{c} {per_step.get(c, 0)})))",
+        ]
+    cases = []
+    for e in sorted(reads_token):
+        met = [
+            f"(>= n_prev{c} {(1 + offset) * per_step.get(c, 0) + count})"
+            for c, count, offset in sched.tasks[e].waits
+            if c in signals
+        ]
+        cases.append(_and(met))
+    missing = _or([f"(< n_prev{c} {per_step.get(c, 0)})" for c in signals])
+    chained = not loose and not early and bool(writes_token) and bool(reads_token)
+    goal = f"(and {missing} {_or(cases)})" if chained else "true"
+    return Obligation(
+        "c",
+        "steps do not overlap: the next step's EMBED waits for all of the token's writers",
+        -1,
+        f"{len(reads_token)} readers, {len(writes_token)} writers of the token",
+        "\n".join(lines) + "\n" if lines else "(assert true)\n",
+        f"(assert {goal})\n",
+        data={
+            "mode": "cross_step",
+            "loose": loose[:5],
+            "early": early[:5],
+            "per_step": {str(c): per_step.get(c, 0) for c in signals},
+        },
+        tasks=tuple(sorted(writes_token | reads_token)),
+    )
+
+
+def _closure(start: set[int], edges: dict[int, set[int]]) -> set[int]:
+    seen, todo = set(start), list(start)
+    while todo:
+        for y in edges.get(todo.pop(), ()):
+            if y not in seen:
+                seen.add(y)
+                todo.append(y)
+    return seen
 
 
 def _chained(a: int, b: int, succ: dict[int, list[int]]) -> bool:

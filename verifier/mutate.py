@@ -204,6 +204,7 @@ CATALOG: tuple[Mutant, ...] = (
     Mutant("signals the wrong counter", "c", _signal_elsewhere),
     Mutant("consumer queued before its producer", "c", _queue_before_producer),
     Mutant("schedule for another template", "i", _template),
+    Mutant("EMBED does not wait for the previous token", "c", _drop_waits("embed", -1)),
     Mutant(
         "kernel.cu: a wait made trivial",
         "c",

@@ -52,14 +52,17 @@ def _reads(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
 def _order(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
     local = data["local"]
     done = {int(t): bool(values.get(f"f{i}", False)) for t, i in local.items()}
-    for a, b in data["deps"]:
-        ready = data["before"].get(str(b)) is None or done[data["before"][str(b)]]
-        if not done[a] and (done[b] or ready):  # b's waits: as the solver found them met
-            n = sum(done.values())
+    for b, need in data["needs"].items():
+        pre = data["before"].get(b)
+        if not (done[int(b)] or pre is None or done[pre]):
+            continue  # b cannot start yet: its queue predecessor has not finished
+        waiting = [a for c in need["all"] for a in data["signallers"][str(c)] if not done[a]]
+        waiting += [a for a in need["some"] if not done[a]]
+        if waiting:  # b's waits: as the solver found them met
             return True, (
-                f"task {b} may start before task {a} has finished (a required dependency; in "
-                f"a state the waits allow, {n} of the shard's {len(done)} tasks have finished, "
-                f"{a} has not, and {b}'s waits are met)"
+                f"task {b} may start before task {waiting[0]} has finished (a required "
+                f"dependency; in a state the waits allow, {sum(done.values())} of the shard's "
+                f"{len(done)} tasks have finished, and {b}'s waits are met)"
             )
     return False, "no unordered dependency in the assignment"
 
@@ -156,6 +159,18 @@ def _float_safety(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, s
     return False, "exponents <= 0 on the solver's values"
 
 
+def _cross_step(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    if data["loose"]:
+        return True, f"tasks {data['loose']} have no chain of dependencies to the token's writers"
+    if data["early"]:
+        return True, f"tasks {data['early']} have no chain of dependencies from the token's readers"
+    for c, n in data["per_step"].items():
+        got = values.get(f"n_prev{c}")
+        if got is not None and got < n:
+            return True, f"EMBED of the next step may start with {got} of counter {c}'s {n} signals"
+    return False, "no early start in the assignment"
+
+
 REPLAYS = {
     "writes": _writes,
     "reads": _reads,
@@ -168,6 +183,7 @@ REPLAYS = {
     "merge": _merge,
     "push": _push,
     "float_safety": _float_safety,
+    "cross_step": _cross_step,
 }
 
 

@@ -20,7 +20,7 @@
    obligation (query text, result, solver version, rlimit used, time) and `summary.json`.
 
 Not yet obligations (the report lists them as not covered): fusion rules (a), pointwise
-algebra (f), determinism (g), cross-step state (h), and the cross-step order of (c).
+algebra (f), determinism (g) and cross-step state (h).
 """
 
 from __future__ import annotations
