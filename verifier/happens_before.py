@@ -279,10 +279,13 @@ def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list
         if layer is not None:
             by_layer[layer].add(t)
     out = [counts(sched), progress(sched)]
+    of_b: dict[int | None, list[tuple[int, int]]] = defaultdict(list)  # by the layer of b
+    for a, b in deps:
+        of_b[layer_of.get(b)].append((a, b))
     for layer in range(g.layers):
         b_side = by_layer[layer]
         shard = b_side | by_layer.get(layer - 1, set()) | (globals_ if layer == 0 else set())
-        mine = sorted((a, b) for a, b in deps if b in b_side)
+        mine = sorted(of_b.get(layer, []))
         shard |= {a for a, _ in mine}
         out.append(ordering(sched, shard, mine, layer))
     # EMBED, the LM head and the argmax, with the last layer: a dependency that a chain of
@@ -291,7 +294,7 @@ def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list
     succ: dict[int, list[int]] = defaultdict(list)
     for a, b in deps:
         succ[a].append(b)
-    mine = [(a, b) for a, b in sorted(deps) if b in globals_ and not _chained(a, b, succ)]
+    mine = [(a, b) for a, b in sorted(of_b.get(None, [])) if not _chained(a, b, succ)]
     shard = globals_ | by_layer.get(g.layers - 1, set()) | {a for a, _ in mine}
     out.append(ordering(sched, shard, mine, -1))
     return [*out, cross_step(sched, touched, deps)]

@@ -33,7 +33,14 @@ CLASSES = {
     "h": "cross-step state",
     "i": "artifact integrity",
 }
-RLIMIT = 20_000_000  # Z3 resource units per query: deterministic, unlike a time limit
+RLIMIT = 20_000_000  # Z3 resource units per query (deterministic, unlike a time limit)...
+RLIMIT_PER_CHAR = 5  # ... plus this much per character of query text (a 70B step's deadlock
+# query is 16 MB of text and needs ~48 M units)
+
+
+def budget(*texts: str) -> int:
+    """The rlimit of a query: a fixed part plus a part proportional to its size."""
+    return RLIMIT + RLIMIT_PER_CHAR * sum(len(t) for t in texts)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,11 @@ class Obligation:
     goal: str  # SMT-LIB2: the asserted negation of the claim
     data: dict[str, Any] = field(default_factory=dict)  # concrete facts for the replay
     tasks: tuple[int, ...] = ()  # schedule task ids involved (for the report)
-    rlimit: int = RLIMIT
+    rlimit: int = 0  # 0: budget(assumptions, goal)
+
+    def __post_init__(self) -> None:
+        if not self.rlimit:
+            object.__setattr__(self, "rlimit", budget(self.assumptions, self.goal))
 
     @property
     def key(self) -> str:
