@@ -258,6 +258,16 @@ CATALOG: tuple[Mutant, ...] = (
         "kernel.cu",
     ),
     Mutant(
+        "kernel.cu: a float atomic in the residual",
+        "g",
+        _kernel(
+            r"(\*xr = ld_act\(xr\) \+ y\[v \* B \+ b\];)",
+            lambda m: "atomicAdd(xr, y[v * B + b]);",
+            "o-proj residual by atomicAdd",
+        ),
+        "kernel.cu",
+    ),
+    Mutant(
         "kernel.cu: per-step count +1",
         "c",
         _kernel(
