@@ -134,13 +134,16 @@ def _touched(sched: Schedule, g: Geometry, report: Report) -> dict[int, Touch]:
         except ParamError as e:
             bad.append(f"task {t.id}: {e}")
     ids_ok = [t.id for t in sched.tasks] == list(range(len(sched.tasks)))
-    queued = sorted(i for q in sched.queues for i in q)
+    queued_ok = sorted(i for q in sched.queues for i in q) == list(range(len(sched.tasks)))
+    why = (
+        ""
+        if ids_ok and queued_ok
+        else "task ids out of order"
+        if not ids_ok
+        else "queues do not hold every task once"
+    )
     report.checks.append(
-        (
-            "tasks numbered 0..N-1, each queued exactly once",
-            ids_ok and queued == list(range(len(sched.tasks))),
-            "" if ids_ok else "task ids out of order",
-        )
+        ("tasks numbered 0..N-1, each queued exactly once", ids_ok and queued_ok, why)
     )
     report.checks.append(("every task's parameters fit its kind", not bad, "; ".join(bad[:3])))
     return out
