@@ -539,7 +539,7 @@ def verify(
     cache = None if no_cache else config.load().home / "proofs"
 
     def progress(done: int, total: int) -> None:
-        _progress(f"verify {artifact}: {done}/{total} obligations")
+        _progress(f"verify {artifact}: {done}/{total} distinct obligations proved or failed")
 
     report = run_verify(artifact, jobs=jobs or os.cpu_count() or 1, cache=cache, progress=progress)
     _progress("")

@@ -277,9 +277,10 @@ def verify(
             known[ob.key] = (hit, True)
         else:
             todo.setdefault(ob.key, ob)
-    done = len(obs) - len(todo)
+    total = len({ob.key for ob in obs})  # progress counts distinct queries
+    done = total - len(todo)
     if progress:
-        progress(done, len(obs))
+        progress(done, total)
     pending = list(todo.values())
     if jobs > 1 and len(pending) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -288,7 +289,7 @@ def verify(
                 _store(cache, ob, result)
                 done += 1
                 if progress:
-                    progress(done, len(obs))
+                    progress(done, total)
     else:
         for ob in pending:
             result = run(ob)
@@ -296,7 +297,7 @@ def verify(
             _store(cache, ob, result)
             done += 1
             if progress:
-                progress(done, len(obs))
+                progress(done, total)
     report.results = [(ob, *known[ob.key]) for ob in obs]
     report.seconds = time.perf_counter() - t0
     if (
