@@ -543,6 +543,9 @@ def verify(
 
     report = run_verify(artifact, jobs=jobs or os.cpu_count() or 1, cache=cache, progress=progress)
     _progress("")
+    unreadable = [why for name, ok, why in report.checks if name.startswith("artifact") and not ok]
+    if unreadable:  # nothing could be judged: a user error, not a verdict
+        raise ArtifactError(f"{artifact}: {unreadable[0]}")
     summary = report.summary()
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -145,6 +145,14 @@ def test_verify_cli_json_and_exit_codes(fresh, tmp_path, monkeypatch):
     assert "(c) every required dependency ordered by the counters" in result.stdout
     result = runner.invoke(app, ["verify", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{}")
+    result = runner.invoke(app, ["verify", str(broken)])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "artifact version" in result.stderr and list(broken.iterdir()) == [
+        broken / "manifest.json"
+    ]
 
 
 def test_every_planted_bug_is_rejected_by_its_class(fresh, tmp_path):

@@ -25,18 +25,31 @@ def _count(cases: list[str]) -> str:
     return "(+ " + " ".join(f"(ite {c} 1 0)" for c in cases) + " 0)"
 
 
+def _tiling(
+    var: str,
+    n: int,
+    tiles: list[tuple[int, int]],
+    check: str,
+    subject: str,
+    data: dict[str, int | str],
+) -> Obligation:
+    """Every index `var` of [0, n) lies in exactly one of the half-open `tiles`."""
+    facts = f"(declare-const {var} Int)\n(assert (and (>= {var} 0) (< {var} {n})))\n"
+    cases = [f"(and (<= {lo} {var}) (< {var} {hi}))" for lo, hi in tiles]
+    return Obligation(
+        "d", check, -1, subject, facts, f"(assert (not (= {_count(cases)} 1)))\n", data=data
+    )
+
+
 def split_k(g: Geometry) -> Obligation:
     ci = g.I // g.KS  # the kernel's CI = I / KS
-    facts = f"(declare-const j Int)\n(assert (and (>= j 0) (< j {g.I})))\n"
-    cases = [f"(and (<= {k * ci} j) (< j {(k + 1) * ci}))" for k in range(g.KS)]
-    return Obligation(
-        "d",
+    return _tiling(
+        "j",
+        g.I,
+        [(k * ci, (k + 1) * ci) for k in range(g.KS)],
         "split-K chunks partition the reduced columns",
-        -1,
         f"down projection, KS = {g.KS}, I = {g.I}",
-        facts,
-        f"(assert (not (= {_count(cases)} 1)))\n",
-        data={"mode": "split_k", "I": g.I, "KS": g.KS},
+        {"mode": "split_k", "I": g.I, "KS": g.KS},
     )
 
 
@@ -67,16 +80,13 @@ def split_kv(g: Geometry) -> Obligation:
 
 
 def lm_tiles(g: Geometry) -> Obligation:
-    facts = f"(declare-const v Int)\n(assert (and (>= v 0) (< v {g.V})))\n"
-    cases = [f"(and (<= {t * g.CV} v) (< v {min((t + 1) * g.CV, g.V)}))" for t in range(g.NT)]
-    return Obligation(
-        "d",
+    return _tiling(
+        "v",
+        g.V,
+        [(t * g.CV, min((t + 1) * g.CV, g.V)) for t in range(g.NT)],
         "LM-head tiles partition the vocabulary",
-        -1,
         f"LM head, NT = {g.NT}, V = {g.V}",
-        facts,
-        f"(assert (not (= {_count(cases)} 1)))\n",
-        data={"mode": "lm_tiles", "V": g.V, "NT": g.NT},
+        {"mode": "lm_tiles", "V": g.V, "NT": g.NT},
     )
 
 
