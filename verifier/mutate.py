@@ -8,7 +8,9 @@ per class, how many mutants the intended class rejected.
 
 Operators take the parsed schedule.json (a dict, edited in place), or for kernel.cu's constants
 and task table {"text": kernel.cu}, and return a short description of the edit, or None where
-the artifact offers no place for it.
+the artifact offers no place for it. `full_catalog` adds the mutants of the other modules
+(`verifier.mutants_state`, `verifier.mutants_algebra`), whose rule mutants (class a) break a
+fusion pass rather than a file.
 """
 
 from __future__ import annotations
@@ -242,6 +244,26 @@ CATALOG: tuple[Mutant, ...] = (
         "kernel.cu",
     ),
     Mutant(
+        "kernel.cu: KV partitions one key short",
+        "d",
+        _kernel(
+            r"^constexpr int C = \(S \+ P - 1\) / P;",
+            lambda m: "constexpr int C = (S + P - 1) / P - 1;",
+            "C = ceil(S / P) - 1: the last keys of each partition are read by none",
+        ),
+        "kernel.cu",
+    ),
+    Mutant(
+        "kernel.cu: LM-head tiles one row short",
+        "d",
+        _kernel(
+            r"^constexpr int CV = \(V \+ NT - 1\) / NT;",
+            lambda m: "constexpr int CV = (V + NT - 1) / NT - 1;",
+            "CV = ceil(V / NT) - 1: a vocabulary row in no tile",
+        ),
+        "kernel.cu",
+    ),
+    Mutant(
         "kernel.cu: merge does not rescale the second state",
         "e",
         _kernel(r"o2\[i\] \* a2;", lambda m: "o2[i];", "softmax_merge adds o2 unscaled"),
@@ -345,34 +367,47 @@ def rejected_by(report: Any) -> set[str]:
     return out
 
 
-def kill_rates(artifact: Path, work: Path, catalog: tuple[Mutant, ...] = CATALOG) -> dict[str, Any]:
-    """Run every mutant of `catalog` on `artifact` (copies under `work`): per class, how many
-    were rejected by their intended class, and each mutant's outcome."""
+def full_catalog() -> tuple[Mutant, ...]:
+    """Every artifact-file mutant: this module's (b, c, d, e, g, i), the state classes' (g, h,
+    i, `verifier.mutants_state`) and the algebra's (e, f, `verifier.mutants_algebra`)."""
+    from verifier import mutants_algebra, mutants_state
+
+    return CATALOG + mutants_state.MUTANTS + mutants_state.BINARY_MUTANTS + mutants_algebra.MUTANTS
+
+
+def kill_rates(
+    artifact: Path, work: Path, catalog: tuple[Mutant, ...] | None = None, rules: bool = True
+) -> dict[str, Any]:
+    """Run every mutant of `catalog` (default `full_catalog()`) on `artifact` (copies under
+    `work`), and with `rules` every planted bug of the fusion rules (class a): per class, how
+    many were rejected by their intended class, and each mutant's outcome."""
+    from verifier import mutants_algebra, mutants_state
     from verifier.verify import verify
 
     per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     rows = []
-    for i, m in enumerate(catalog):
+
+    def record(name: str, cls: str, what: str, report: Any) -> None:
+        classes = rejected_by(report)
+        killed = cls in classes
+        per[cls][0] += killed
+        per[cls][1] += 1
+        row = {"mutant": name, "class": cls, "applied": True, "edit": what}
+        rows.append(row | {"rejected_by": sorted(classes), "killed": killed})
+
+    cache = work / "proof-cache"  # proved queries are shared; only failures are re-run
+    for i, m in enumerate(full_catalog() if catalog is None else catalog):
         dst = work / f"mutant{i}"
-        what = apply(artifact, dst, m.edit, m.file)
+        what = mutants_state.apply(artifact, dst, m.edit, m.file)
         if what is None:
             rows.append({"mutant": m.name, "class": m.cls, "applied": False})
             continue
-        classes = rejected_by(verify(dst, write_proof=False))
-        killed = m.cls in classes
-        per[m.cls][0] += killed
-        per[m.cls][1] += 1
-        rows.append(
-            {
-                "mutant": m.name,
-                "class": m.cls,
-                "applied": True,
-                "edit": what,
-                "rejected_by": sorted(classes),
-                "killed": killed,
-            }
-        )
+        record(m.name, m.cls, what, verify(dst, write_proof=False, cache=cache))
         shutil.rmtree(dst)
+    for rule in mutants_algebra.RULE_MUTANTS if rules else ():
+        with mutants_algebra.patched_rule(rule):
+            report = verify(artifact, write_proof=False, cache=cache)
+        record(rule.name, "a", f"pass {rule.rule} broken", report)
     return {
         "per_class": {c: {"killed": k, "of": n} for c, (k, n) in sorted(per.items())},
         "mutants": rows,

@@ -41,19 +41,20 @@ def _tiling(
     )
 
 
-def split_k(g: Geometry) -> Obligation:
-    ci = g.I // g.KS  # the kernel's CI = I / KS
+def split_k(g: Geometry, ci: int | None = None) -> Obligation:
+    ci = g.I // g.KS if ci is None else ci  # the kernel's CI = I / KS
     return _tiling(
         "j",
         g.I,
         [(k * ci, (k + 1) * ci) for k in range(g.KS)],
         "split-K chunks partition the reduced columns",
         f"down projection, KS = {g.KS}, I = {g.I}",
-        {"mode": "split_k", "I": g.I, "KS": g.KS},
+        {"mode": "split_k", "I": g.I, "KS": g.KS, "CI": ci},
     )
 
 
-def split_kv(g: Geometry) -> Obligation:
+def split_kv(g: Geometry, c: int | None = None) -> Obligation:
+    c = g.C if c is None else c
     window = g.spec.sliding_window or 0
     lo = f"(ite (> (- pos {window - 1}) 0) (- pos {window - 1}) 0)" if window else "0"
     facts = (
@@ -62,8 +63,8 @@ def split_kv(g: Geometry) -> Obligation:
     )
     cases = []
     for p in range(g.P):
-        j0 = f"(ite (> {p * g.C} {lo}) {p * g.C} {lo})"
-        end = min((p + 1) * g.C, g.S)
+        j0 = f"(ite (> {p * c} {lo}) {p * c} {lo})"
+        end = min((p + 1) * c, g.S)
         j1 = f"(ite (< {end} (+ pos 1)) {end} (+ pos 1))"
         cases.append(f"(and (<= {j0} j) (< j {j1}))")
     visible = f"(and (<= {lo} j) (<= j pos))"
@@ -75,20 +76,24 @@ def split_kv(g: Geometry) -> Obligation:
         f"attention, P = {g.P}, S = {g.S}, window = {window or 'none'}",
         facts,
         goal,
-        data={"mode": "split_kv", "P": g.P, "S": g.S, "window": window},
+        data={"mode": "split_kv", "P": g.P, "S": g.S, "window": window, "C": c},
     )
 
 
-def lm_tiles(g: Geometry) -> Obligation:
+def lm_tiles(g: Geometry, cv: int | None = None) -> Obligation:
+    cv = g.CV if cv is None else cv
     return _tiling(
         "v",
         g.V,
-        [(t * g.CV, min((t + 1) * g.CV, g.V)) for t in range(g.NT)],
+        [(t * cv, min((t + 1) * cv, g.V)) for t in range(g.NT)],
         "LM-head tiles partition the vocabulary",
         f"LM head, NT = {g.NT}, V = {g.V}",
-        {"mode": "lm_tiles", "V": g.V, "NT": g.NT},
+        {"mode": "lm_tiles", "V": g.V, "NT": g.NT, "CV": cv},
     )
 
 
-def obligations(g: Geometry) -> list[Obligation]:
-    return [split_k(g), split_kv(g), lm_tiles(g)]
+def obligations(g: Geometry, chunks: dict[str, int] | None = None) -> list[Obligation]:
+    """The three partitions; `chunks` gives C, CI and CV as kernel.cu declares them (by
+    default, as the schedule's split symbols imply)."""
+    k = chunks or {}
+    return [split_k(g, k.get("CI")), split_kv(g, k.get("C")), lm_tiles(g, k.get("CV"))]

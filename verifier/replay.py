@@ -3,15 +3,21 @@
 `replay(ob, values)` takes the solver's assignment and re-derives the violation from
 `ob.data` with plain integers: a count of writers that is not what the step must write, a read
 outside its buffer, a required dependency the timing leaves unordered, a stuck state, a counter
-whose target is not its number of signallers. It returns (confirmed, one-line reason).
+whose target is not its number of signallers, two elements of the algebra that differ in
+float64 with the real functions. It returns (confirmed, one-line reason).
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
+import z3
+
+from verifier import batch_invariance, kv_invariant
 from verifier.obligation import Obligation
+from verifier.terms import decode, evaluate
 
 
 def _inside(spans: list[list[int]], e: list[int], pos: int) -> bool:
@@ -82,7 +88,7 @@ def _counts(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
 
 
 def _split_k(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
-    j, ci = int(values.get("j", 0)), data["I"] // data["KS"]
+    j, ci = int(values.get("j", 0)), data.get("CI", data["I"] // data["KS"])
     n = sum(k * ci <= j < (k + 1) * ci for k in range(data["KS"]))
     return (
         n != 1,
@@ -93,7 +99,7 @@ def _split_k(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
 def _split_kv(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
     pos, j = int(values.get("pos", 0)), int(values.get("j", 0))
     P, S, w = data["P"], data["S"], data["window"]
-    c, lo = -(-S // P), max(0, pos - w + 1) if w else 0
+    c, lo = data.get("C", -(-S // P)), max(0, pos - w + 1) if w else 0
     n = sum(max(p * c, lo) <= j < min((p + 1) * c, S, pos + 1) for p in range(P))
     want = 1 if lo <= j <= pos else 0
     return (
@@ -104,7 +110,7 @@ def _split_kv(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
 
 def _lm_tiles(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
     v, V, NT = int(values.get("v", 0)), data["V"], data["NT"]
-    cv = -(-V // NT)
+    cv = data.get("CV", -(-V // NT))
     n = sum(t * cv <= v < min((t + 1) * cv, V) for t in range(NT))
     return n != 1, f"vocabulary row {v} lies in {n} LM-head tiles"
 
@@ -171,7 +177,54 @@ def _cross_step(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str
     return False, "no early start in the assignment"
 
 
+def _algebra(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    """Both elements in float64 at the counterexample's indices (arrays pseudo-random, the
+    functions real): confirmed when they differ, or when a paired argument does."""
+    ranges = {k: tuple(v) for k, v in data["ranges"].items()}
+    at = data.get("at", {})  # a pinned query's point
+    env = {v: int(values.get(v, at.get(v, lo))) for v, (lo, _) in ranges.items()}
+    tables = {k: [Fraction(x) for x in v] for k, v in data["tables"].items()}
+    where = ", ".join(f"{k}={env[k]}" for k in sorted(env) if k in values or k in at)
+    for seed in (1, 2, 3):
+        for a, b in data.get("pairs", []):
+            x, y = evaluate(decode(a), env, tables, seed), evaluate(decode(b), env, tables, seed)
+            if not _close_rel(x, y):
+                fn = "an uninterpreted function"
+                return (
+                    True,
+                    f"at {where}: the argument of {fn} is {x:.9g} in the model, {y:.9g} in the kernel",
+                )
+        x = evaluate(decode(data["lhs"]), env, tables, seed)
+        y = evaluate(decode(data["rhs"]), env, tables, seed)
+        if not _close_rel(x, y):
+            return True, f"at {where}: the model graph gives {x:.9g}, the kernel {y:.9g}"
+    return False, f"equal at {where}"
+
+
+def _close_rel(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * (1.0 + abs(a) + abs(b))
+
+
+def _mask(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    j, pos, window = int(values.get("j", 0)), int(values.get("pos", 0)), data["window"]
+    cj, cp = z3.Ints("j pos")
+    masked = z3.parse_smt2_string(
+        f"(declare-const j Int)(declare-const pos Int)(assert {data['graph']})"
+    )[0]
+    graph = z3.is_true(z3.simplify(z3.substitute(masked, (cj, z3.IntVal(j)), (cp, z3.IntVal(pos)))))
+    kernel = not (j <= pos and (not window or j > pos - window))
+    if graph != kernel:
+        say = lambda m: "masks" if m else "keeps"  # noqa: E731
+        return (
+            True,
+            f"at pos={pos}: key {j}: the model {say(graph)} it, the kernel {say(kernel)} it",
+        )
+    return False, "the masks agree at the assignment"
+
+
 REPLAYS = {
+    "algebra": _algebra,
+    "mask": _mask,
     "writes": _writes,
     "reads": _reads,
     "order": _order,
@@ -184,6 +237,8 @@ REPLAYS = {
     "push": _push,
     "float_safety": _float_safety,
     "cross_step": _cross_step,
+    "batch": batch_invariance.replay,
+    **kv_invariant.REPLAYS,
 }
 
 

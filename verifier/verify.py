@@ -5,7 +5,9 @@
 1. Integrity (class i, plain checks, no solver): every file's sha256 is the manifest's (a
    mismatch fails the artifact, but the files are still judged on what they say); the
    graph rebuilt from the manifest's model spec through the frontend has the manifest's model
-   hash; schedule.json is for the manifest's shape template.
+   hash; schedule.json is for the manifest's shape template; kernel.cu's constants are those
+   the manifest implies and the cubin is kernel.cu recompiled (`verifier.provenance`; without
+   nvcc that check is skipped, and listed as such).
 2. The verifier's own model of the step (`verifier.model`): geometry from the spec, the
    template and the schedule's split symbols; what each task of schedule.json makes the kernel
    touch.
@@ -13,15 +15,17 @@
    schedule (c, `verifier.happens_before`) and split reductions (d, `verifier.reductions`) for
    schedule.json and, where it differs, for the task table kernel.cu runs
    (`verifier.kernel_table`); the online-softmax lemmas (e, `verifier.attention`), with a check
-   that kernel.cu's softmax functions are the ones they cover.
+   that kernel.cu's softmax functions are the ones they cover; the batch invariance of every
+   reduction's split (g, `verifier.batch_invariance`, from kernel.cu's constexprs); the KV-cache
+   step invariant and the token handoff between steps (h, `verifier.kv_invariant`); each
+   fused instruction of fused.json against the rebuilt graph's ops (f, `verifier.algebra`),
+   with the graph's attention against the kernel's (e, `verifier.attention_link`); the
+   fusion rules on a small model of the family, after their axioms are checked numerically
+   (a, `verifier.rules`).
 4. Each obligation is looked up in the proof cache by its structural key, else proved
    (`verifier.solve.run`, `jobs` processes); proved results are cached, failures never.
 5. Certificates: `proof/` in the artifact directory, written whole or not at all: one JSON per
    obligation (query text, result, solver version, rlimit used, time) and `summary.json`.
-
-Not yet obligations (the report lists them as not covered): fusion rules (a), pointwise
-algebra (f) and cross-step state (h); of determinism (g), only the float-atomics check
-(`verifier.determinism`).
 """
 
 from __future__ import annotations
@@ -40,16 +44,28 @@ from pathlib import Path
 from typing import Any
 
 from compiler.artifact import ArtifactError, check_files, read_manifest
+from compiler.ir.fused import FusedGraph
+from compiler.ir.graph import Graph, IRError
 from compiler.schedule.schedule import Schedule
 from compiler.spec import ModelSpec, ShapeTemplate
-from verifier import attention, happens_before, index_maps, reductions
+from verifier import (
+    algebra,
+    attention,
+    batch_invariance,
+    happens_before,
+    index_maps,
+    kv_invariant,
+    provenance,
+    reductions,
+    rules,
+)
+from verifier.batch_invariance import ExprError
 from verifier.determinism import float_atomics
+from verifier.fused_terms import rope_table
 from verifier.kernel_table import TableError, read_table, same_tasks
 from verifier.model import Geometry, ParamError, Touch, touches
-from verifier.obligation import CLASSES, Obligation
+from verifier.obligation import Obligation
 from verifier.solve import Result, run
-
-NOT_COVERED = ("a", "f", "h")  # and of (g), all but the float-atomics check
 
 
 @dataclass
@@ -57,6 +73,7 @@ class Report:
     artifact: str
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (check, ok, why)
     results: list[tuple[Obligation, Result, bool]] = field(default_factory=list)  # cached?
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (check, why not run here)
     seconds: float = 0.0
 
     @property
@@ -82,7 +99,7 @@ class Report:
             "cached": sum(c for _, _, c in self.results),
             "checks": [{"check": n, "ok": ok, "why": why} for n, ok, why in self.checks],
             "by_class_and_layer": {k: dict(v) for k, v in sorted(per.items())},
-            "not_covered": {c: CLASSES[c] for c in NOT_COVERED},
+            "skipped": [{"check": n, "why": why} for n, why in self.skipped],
             "failures": self.failures(),
             "seconds": round(self.seconds, 2),
         }
@@ -93,12 +110,16 @@ def _labelled(check: str) -> str:
     return check if check.startswith("(") else f"(i) {check}"
 
 
-@functools.lru_cache(maxsize=8)
-def _model_hash(spec_json: str) -> str:
-    """The digest of the graph the frontend builds from a model spec (canonical JSON)."""
+@functools.lru_cache(maxsize=4)
+def _graph(spec_json: str) -> Graph:
+    """The graph the frontend builds from a model spec (canonical JSON)."""
     from compiler.frontend.torch_export import graph_from_spec
 
-    return graph_from_spec(ModelSpec.from_json(json.loads(spec_json))).digest()
+    return graph_from_spec(ModelSpec.from_json(json.loads(spec_json)))
+
+
+def _spec_json(spec: ModelSpec) -> str:
+    return json.dumps(spec.to_json(), sort_keys=True)
 
 
 def _integrity(directory: Path, report: Report) -> tuple[ModelSpec, ShapeTemplate, Schedule] | None:
@@ -115,13 +136,16 @@ def _integrity(directory: Path, report: Report) -> tuple[ModelSpec, ShapeTemplat
     except (ArtifactError, OSError, ValueError) as e:
         report.checks.append(("artifact readable and intact", False, str(e).splitlines()[0]))
         return None
-    digest = _model_hash(json.dumps(manifest.spec, sort_keys=True))
+    digest = _graph(_spec_json(spec)).digest()
     ok = digest == manifest.model_hash
     why = "" if ok else f"rebuilt graph {digest[:12]}, manifest {manifest.model_hash[:12]}"
     report.checks.append(("the model spec rebuilds the manifest's model hash", ok, why))
     ok = str(sched.template) == str(template)
     why = "" if ok else f"schedule for {sched.template}, artifact for {template}"
     report.checks.append(("schedule.json is for the artifact's shape template", ok, why))
+    checks, skipped = provenance.checks(directory, manifest, spec, template, sched)
+    report.checks += checks
+    report.skipped += skipped
     return spec, template, sched
 
 
@@ -161,9 +185,39 @@ def obligations_of(directory: Path, report: Report) -> list[Obligation]:
         report.checks.append(("schedule binds P, KS and NT", False, f"missing {e}"))
         return []
     touched = _touched(sched, g, report)
-    obs = _per_schedule(sched, touched, g) + attention.obligations()
+    obs = (
+        _per_schedule(sched, touched, g) + attention.obligations() + _algebra(directory, g, report)
+    )
     known = {ob.key for ob in obs}
-    return obs + _kernel_obligations(directory, sched, spec, template, report, known)
+    return obs + _kernel_obligations(directory, sched, g, template, report, known)
+
+
+def _algebra(directory: Path, g: Geometry, report: Report) -> list[Obligation]:
+    """(f) each fused instruction against the rebuilt graph's ops, (e) the graph's attention
+    against the kernel's, and kernel.cu's RoPE table against fused.json's."""
+    name = "(f) fused.json is readable and of this model"
+    try:
+        fused = FusedGraph.loads((directory / "fused.json").read_text())
+        text = (directory / "kernel.cu").read_text()
+    except (OSError, IRError) as e:
+        report.checks.append((name, False, str(e).splitlines()[0]))
+        return []
+    graph = _graph(_spec_json(g.spec))
+    ok = fused.graph_digest == graph.digest()
+    report.checks.append(
+        (name, ok, "" if ok else f"fused.json is of graph {fused.graph_digest[:12]}")
+    )
+    why = rope_table(text, fused)
+    report.checks.append(("(f) kernel.cu's RoPE frequencies are fused.json's", not why, why))
+    obs, failures = algebra.obligations(graph, fused, g)
+    for cls, why in failures:
+        report.checks.append((f"({cls}) {why.split(':')[0]}", False, why))
+    for axiom, why in rules.axioms():
+        report.checks.append((f"(a) axiom {axiom}", not why, why))
+    lemmas, missed = rules.obligations(g.spec, {i.kind.value for i in fused.instrs})
+    for why in missed:
+        report.checks.append(("(a) rule lemmas", False, why))
+    return obs + lemmas
 
 
 def _per_schedule(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list[Obligation]:
@@ -171,26 +225,54 @@ def _per_schedule(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> li
         index_maps.obligations(sched, touched, g)
         + happens_before.obligations(sched, touched, g)
         + reductions.obligations(g)
+        + kv_invariant.obligations(sched, touched, g)
     )
 
 
 def _kernel_obligations(
     directory: Path,
     sched: Schedule,
-    spec: ModelSpec,
+    g: Geometry,
     template: ShapeTemplate,
     report: Report,
     known: set[str],
 ) -> list[Obligation]:
-    """The obligations of the schedule kernel.cu runs (its task table), where it differs from
-    schedule.json's (identical tables make identical obligations: nothing to add)."""
+    """The obligations read from kernel.cu's text (g: its reductions' split constants; h: its
+    KV append's address), and those of the schedule it runs (its task table), where that
+    differs from schedule.json's (identical tables make identical obligations)."""
     name = "kernel.cu's task table is schedule.json's"
     try:
         text = (directory / "kernel.cu").read_text()
-        table = read_table(text, template, sched.options)
-    except (OSError, TableError) as e:
+    except OSError as e:
         report.checks.append((name, False, str(e).splitlines()[0]))
         return []
+    own: list[Obligation] = []
+    for what, make in (
+        ("(g) kernel.cu's split constants are readable", batch_invariance.obligations),
+        (
+            "(h) kernel.cu's KV append store is readable",
+            lambda t: [kv_invariant.append_store(t, g)],
+        ),
+    ):
+        try:
+            own += make(text)
+        except (ExprError, ZeroDivisionError) as e:
+            report.checks.append((what, False, str(e) or "a constexpr divides by 0"))
+    try:  # (d) with the chunk sizes kernel.cu computes
+        consts = batch_invariance.Constants(text)
+        chunks = {n: consts.value(n, {}) for n in ("C", "CI", "CV")}
+        own += [
+            replace(ob, subject=f"kernel.cu: {ob.subject}")
+            for ob in reductions.obligations(g, chunks)
+            if ob.key not in known
+        ]
+    except (ExprError, ZeroDivisionError) as e:
+        report.checks.append(("(d) kernel.cu's chunk sizes are readable", False, str(e)))
+    try:
+        table = read_table(text, template, sched.options)
+    except TableError as e:
+        report.checks.append((name, False, str(e).splitlines()[0]))
+        return own
     why = attention.reviewed(text)
     report.checks.append(
         ("(e) kernel.cu's softmax functions are the ones the lemmas cover", not why, why)
@@ -200,16 +282,18 @@ def _kernel_obligations(
     diff = same_tasks(sched, table)
     report.checks.append((name, not diff, diff))
     if not diff:
-        return []
+        return own
     b, s = table.bound()["B"], table.bound()["S"]
     if (b, s) != (template.batch, template.max_seq):
         report.checks.append(
             ("kernel.cu is built for the artifact's shape template", False, f"B={b}, S={s}")
         )
-    g = Geometry.of(spec, template, table.bound())
-    touched = _touched(table, g, report)
-    obs = _per_schedule(table, touched, g)
-    return [replace(ob, subject=f"kernel.cu: {ob.subject}") for ob in obs if ob.key not in known]
+    kg = Geometry.of(g.spec, template, table.bound())
+    touched = _touched(table, kg, report)
+    obs = _per_schedule(table, touched, kg)
+    return own + [
+        replace(ob, subject=f"kernel.cu: {ob.subject}") for ob in obs if ob.key not in known
+    ]
 
 
 def _cached(cache: Path | None, ob: Obligation) -> Result | None:
