@@ -39,6 +39,11 @@ def _user_errors(fn: F) -> F:
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from amk_farm.registry import RegistryError
+        from amk_farm.signing import SignatureError
+        from amk_farm.store import StoreError
         from compiler.artifact import ArtifactError
         from compiler.codegen.nvcc import NvccError
         from compiler.frontend.checkpoint import CheckpointError
@@ -59,6 +64,10 @@ def _user_errors(fn: F) -> F:
             RuntimeUnavailable,
             LaunchError,
             NvccError,
+            SignatureError,
+            StoreError,
+            RegistryError,
+            SQLAlchemyError,
             ValueError,
             OSError,
         ) as e:  # all user-facing
@@ -566,6 +575,61 @@ def verify(
         raise typer.Exit(1)
 
 
+keys_app = typer.Typer(
+    help="The Ed25519 key that signs published kernels (AMK_SIGNING_KEY).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+@_user_errors
+def keys_init(
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing key (its signatures go stale).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate the signing key pair: the private key (mode 0600) and its public key (.pub)."""
+    from amk_farm import signing
+
+    private_path, public_path = signing.init_keys(force=force)
+    kid = signing.key_id(signing.load_public_key(public_path))
+    summary = {"key_id": kid, "private_key": str(private_path), "public_key": str(public_path)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"key id       {kid}")
+    print(f"private key  {private_path}")
+    print(f"public key   {public_path}")
+
+
+@keys_app.command("show")
+@_user_errors
+def keys_show(as_json: JsonOpt = False) -> None:
+    """Print the public key (PEM) and its key id; never the private key."""
+    from amk_farm import signing
+
+    private_path = config.load().signing_key
+    public_path = signing.public_key_path(private_path)
+    if public_path.is_file():
+        key = signing.load_public_key(public_path)
+        if private_path.is_file():  # a .pub left over from another key would mislead
+            own = signing.key_id(signing.load_private_key(private_path))
+            if own != signing.key_id(key):
+                raise signing.SignatureError(
+                    f"{public_path} is not the public key of {private_path}"
+                )
+    else:  # only the private key: derive its public half
+        key = signing.load_private_key(private_path).public_key()
+    kid, pem = signing.key_id(key), signing.public_pem(key)
+    if as_json:
+        print(json.dumps({"key_id": kid, "public_key": pem, "path": str(public_path)}, indent=2))
+        return
+    print(f"key id  {kid}")
+    print(pem, end="")
+
+
 def _artifact_or_compile(
     target: str, template: str | None, out: Path, model: str | None = None
 ) -> Path:
@@ -587,6 +651,152 @@ def _artifact_or_compile(
     print(f"compiling {spec.name} {template} for sm_90a into {out}", file=sys.stderr)
     compile_model(spec, ShapeTemplate.parse(template), "sm_90a", out)
     return out
+
+
+def _registry() -> tuple[Any, Any]:
+    """The registry's database (migrated to head on first use) and blob store, from the config."""
+    from amk_farm import db
+    from amk_farm.store import open_store
+
+    cfg = config.load()
+    return db.engine(cfg.db_url), open_store(cfg.store_url)
+
+
+@app.command()
+@_user_errors
+def publish(
+    artifact: Annotated[
+        Path, typer.Argument(help="Verified artifact directory (amk-farm verify).")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a verified ARTIFACT: blobs to the store, signed rows to the registry.
+
+    Refuses an artifact without a passing proof/summary.json or whose files do not match the
+    manifest. Publishing a key that is there already is not an error: it says so."""
+    from amk_farm import registry, signing
+
+    private_key = signing.load_private_key(config.load().signing_key)
+    engine, store = _registry()
+    _progress(f"publishing {artifact}")
+    result = registry.publish(artifact, engine=engine, store=store, private_key=private_key)
+    _progress("")
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    print(
+        f"{artifact}: {result.status}: {result.model} {result.template} {result.arch} "
+        f"(compiler {result.compiler_version}), {result.files} files, "
+        f"manifest {result.manifest_digest[:12]}, signed by {(result.key_id or '?')[:16]}"
+    )
+
+
+@app.command("list")
+@_user_errors
+def list_(
+    model: Annotated[
+        str | None, typer.Option("--model", help="Only this model (name, alias or model hash).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the published artifacts, newest first."""
+    from amk_farm import registry
+
+    engine, _ = _registry()
+    rows = registry.list_artifacts(engine, model)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(
+            f"{r['model']:<16} {r['template']:<10} {r['arch']:<7} {r['compiler_version']:<8} "
+            f"{r['model_hash'][:12]}  manifest {r['manifest_digest'][:12]}  {r['files']} files  "
+            f"{r['created'][:19]}"
+        )
+
+
+@app.command()
+@_user_errors
+def pull(
+    model: Annotated[str, typer.Argument(help="Model name, alias or model hash.")],
+    template: Annotated[str, typer.Option("-t", "--template", help="Shape template b<B>-s<S>.")],
+    arch: Annotated[str, typer.Option("--arch", help="CUDA target: sm_80 or sm_90a.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Artifact directory to write.")],
+    key: Annotated[
+        list[Path] | None,
+        typer.Option("--key", help="Also trust this public key (PEM file); repeatable."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch a published artifact, checking signature, key and every sha256 before writing.
+
+    Trusted: the keys in AMK_HOME/trusted/*.pem (this user's own choice), the registry's
+    trusted-keys table, and each --key. The newest compiler version wins if several are
+    published. On any failure DIR is left as it was."""
+    from amk_farm import registry, signing
+
+    extra = {}
+    for path in [*sorted((config.load().home / "trusted").glob("*.pem")), *(key or [])]:
+        public = signing.load_public_key(path)
+        extra[signing.key_id(public)] = public
+    engine, store = _registry()
+    _progress(f"pulling {model} {template} {arch}")
+    result = registry.pull(model, template, arch, output, engine=engine, store=store, trusted=extra)
+    _progress("")
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    print(
+        f"{output}: {result.model} {result.template} {result.arch} (compiler "
+        f"{result.compiler_version}), {len(result.files)} files verified, signed by "
+        f"{result.key_id[:16]}"
+    )
+
+
+@keys_app.command("trust")
+@_user_errors
+def keys_trust(
+    pem_file: Annotated[Path, typer.Argument(help="Ed25519 public key (PEM) to trust.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Trust PEM_FILE's key: `pull` accepts artifacts it signed."""
+    from amk_farm import db, registry
+
+    if not pem_file.is_file():
+        raise FileNotFoundError(f"no public key at {pem_file}")
+    engine = db.engine(config.load().db_url)
+    kid, new = registry.trust_key(engine, pem_file.read_text())
+    if as_json:
+        print(json.dumps({"key_id": kid, "added": new}))
+        return
+    print(f"{'trusted' if new else 'already trusted'}: {kid}")
+
+
+db_app = typer.Typer(help="The registry database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+@_user_errors
+def db_upgrade(as_json: JsonOpt = False) -> None:
+    """Migrate the registry database (AMK_DB_URL) to the newest schema."""
+    from amk_farm import db
+
+    url = config.load().db_url
+    before, after = db.upgrade(db.create(url))
+    if as_json:
+        print(json.dumps({"url": _redacted(url), "from": before, "to": after}))
+        return
+    state = "up to date" if before == after else f"{before or 'empty'} -> {after}"
+    print(f"{_redacted(url)}: {state}")
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def main() -> None:

@@ -135,3 +135,41 @@ def test_graph_from_onnx_file(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00\x01junk")
     junk = runner.invoke(app, ["graph", "tiny-llama", "--onnx", str(tmp_path / "junk.onnx")])
     assert junk.exit_code == 1 and junk.stderr.startswith("error: ")
+
+
+def test_keys_init_then_show_print_one_key_id(home):
+    init = runner.invoke(app, ["keys", "init", "--json"])
+    assert init.exit_code == 0, init.output
+    made = json.loads(init.stdout)
+    assert made["private_key"] == str(home / "keys" / "signing.key")
+    assert (os.stat(made["private_key"]).st_mode & 0o777) == 0o600
+    show = runner.invoke(app, ["keys", "show", "--json"])
+    assert show.exit_code == 0, show.output
+    shown = json.loads(show.stdout)
+    assert shown["key_id"] == made["key_id"]
+    assert shown["public_key"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert "PRIVATE" not in show.stdout
+    text = runner.invoke(app, ["keys", "show"])
+    assert text.stdout.splitlines()[0] == f"key id  {made['key_id']}"
+
+
+def test_keys_init_refuses_to_overwrite_without_force(home):
+    assert runner.invoke(app, ["keys", "init"]).exit_code == 0
+    key = (home / "keys" / "signing.key").read_bytes()
+    again = runner.invoke(app, ["keys", "init"])
+    assert again.exit_code == 1
+    assert again.stderr.strip().splitlines() == [
+        f"error: {home / 'keys' / 'signing.key'} exists; pass --force to replace it"
+    ]
+    assert (home / "keys" / "signing.key").read_bytes() == key
+    forced = runner.invoke(app, ["keys", "init", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (home / "keys" / "signing.key").read_bytes() != key
+
+
+def test_keys_show_without_a_key_is_a_one_line_error(home):
+    result = runner.invoke(app, ["keys", "show"])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: no signing key at ")
+    assert len(result.stderr.strip().splitlines()) == 1
