@@ -6,13 +6,18 @@ For each output buffer of an instruction it looks, among the graph nodes fused.j
 instruction covers (only a hint: a wrong hint finds no match and fails), for the node whose
 element equals the instruction's (`verifier.fused_terms`) when the instruction's input buffers
 are cut points (`verifier.graph_terms`): first numerically at a few points, then by a proof.
-Each proof is two SMT queries over a symbolic output element (every batch row, head, column,
-cache row and position at once), weights and activations arbitrary reals:
+Each proof is, per case of the index conditions the terms hold (d < D/2, j = pos), two SMT
+queries over a symbolic output element (every batch row, head, column, cache row and position
+at once), weights and activations arbitrary reals:
 
 * the arguments of the uninterpreted functions (rsqrt of the RMSNorm, cos/sin of RoPE,
   sigmoid of SiLU) pair up and are equal (the decomposition of verification.md E7b: the
   polynomial under an rsqrt is proved separately, so "sum instead of mean" is a fast sat);
 * with each pair replaced by one shared atom, the two elements are equal.
+
+Where no covered node agrees numerically, the artifact fails, and the likeliest node's claim
+is also sent to the solver pinned at a point where the two differ (`pinned`), so the report
+carries a solver counterexample replayed in float64.
 
 A buffer the graph has no value for (the split-K partials) is inlined into its reader's term;
 attention (whose graph form is a masked softmax) is linked by `verifier.attention_link`; the
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -43,7 +49,6 @@ from verifier.terms import (
     evaluate,
     instances,
     smt,
-    smt_aff,
     smt_cond,
     truth,
 )
@@ -95,7 +100,7 @@ def _replace(t: Any, table: dict[Term, Term]) -> Any:
     return t
 
 
-def _points(ranges: Ranges, names: list[str], seed: int) -> list[dict[str, int]]:
+def _points(ranges: Ranges, seed: int) -> list[dict[str, int]]:
     rnd = random.Random(seed)
     out = []
     for p in range(POINTS):
@@ -114,7 +119,7 @@ def differ(
     lhs: Term, rhs: Term, ranges: Ranges, tables: dict[str, Any], seed: int = 1
 ) -> dict[str, int] | None:
     """A point where the two differ in float64 (arrays pseudo-random), or None."""
-    for env in _points(ranges, [], seed):
+    for env in _points(ranges, seed):
         if not _close(evaluate(lhs, env, tables, seed), evaluate(rhs, env, tables, seed)):
             return env
     return None
@@ -542,8 +547,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _at(ob: Obligation, layer: int, subject: str) -> Obligation:
-    from dataclasses import replace
-
     return replace(ob, layer=layer, subject=subject)
 
 
@@ -557,4 +560,4 @@ def obligations(
     return w.obligations, w.failures
 
 
-__all__ = ["equal_obligations", "obligations", "smt_aff"]
+__all__ = ["equal_obligations", "obligations"]

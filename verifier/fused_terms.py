@@ -27,9 +27,9 @@ from verifier.terms import Aff, Term, add, app, compare, const, ite, mul, neg, s
 
 def role(name: str, layer: int) -> str:
     """The array name of an operand: layer-free for the instruction's own layer."""
-    for pre in (f"model.layers.{layer}.",):
-        if name.startswith(pre):
-            name = name[len(pre) :]
+    own = f"model.layers.{layer}."
+    if name.startswith(own):
+        name = name[len(own) :]
     if name.endswith(f".{layer}") and name.split(".")[0] in ("k_cache", "v_cache"):
         name = name.rsplit(".", 1)[0]
     return "".join(c if c.isalnum() else "_" for c in name)
@@ -76,10 +76,10 @@ class Fused:
         ranges: dict[str, tuple[int, int]],
         tables: dict[str, list[Fraction]],
         inv_freq: tuple[float, ...],
-        inline: Mapping[str, Instr] = {},
+        inline: Mapping[str, Instr] | None = None,
     ):
         self.i, self.g, self.ranges, self.tables = instr, g, ranges, tables
-        self.inv_freq, self.inline = inv_freq, inline
+        self.inv_freq, self.inline = inv_freq, inline or {}
         self.fresh = 0
 
     def arr(self, slot: int) -> str:

@@ -21,6 +21,7 @@ import math
 from dataclasses import replace
 
 from compiler.ir.fused import FusedGraph
+from compiler.ir.graph import Graph
 from compiler.ir.ops import DType
 from compiler.spec import ModelSpec, ShapeTemplate
 from verifier import algebra
@@ -82,7 +83,7 @@ def axioms() -> list[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _fused(spec: ModelSpec) -> tuple[object, FusedGraph]:
+def _fused(spec: ModelSpec) -> tuple[Graph, FusedGraph]:
     from compiler.frontend.torch_export import graph_from_spec
     from compiler.passes import fuse
 
@@ -104,7 +105,7 @@ def obligations(spec: ModelSpec, kinds: set[str]) -> tuple[list[Obligation], lis
     except ValueError as e:
         return [], [f"the fusion rules do not apply to a small {spec.name}: {e}"]
     g = Geometry.of(small, SMALL, SPLITS)
-    obs, failures = algebra.obligations(graph, fused, g)  # type: ignore[arg-type]
+    obs, failures = algebra.obligations(graph, fused, g)
     out = []
     for ob in obs:
         kind = ob.subject.split()[0].split(",")[0]
