@@ -25,11 +25,12 @@ from typer.testing import CliRunner
 
 from amk_farm import catalog, db, registry, signing
 from amk_farm.cli import app
-from amk_farm.store import BlobStore, LocalStore, S3Store, open_store
+from amk_farm.store import BlobStore, open_store
 from compiler.artifact import read_manifest, sha256_file
 from compiler.pipeline import compile_model
 from compiler.schedule.schedule import Options
 from compiler.spec import ShapeTemplate
+from tests.blobs import corrupt_blob, delete_blob
 from verifier.verify import verify
 
 runner = CliRunner()
@@ -217,30 +218,6 @@ def file_digest(reg: Registry, path: str) -> str:
         ).scalar_one()
     eng.dispose()
     return str(digest)
-
-
-def corrupt_blob(store: BlobStore, digest: str) -> None:
-    """Flip one byte of a stored blob behind the store's back."""
-    if isinstance(store, LocalStore):
-        path = store.root / "sha256" / digest[:2] / digest
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.chmod(0o644)
-        path.write_bytes(bytes(data))
-    else:
-        assert isinstance(store, S3Store)
-        key = f"{store.prefix}/sha256/{digest}"
-        data = bytearray(store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-        data[len(data) // 2] ^= 0x01
-        store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
-
-
-def delete_blob(store: BlobStore, digest: str) -> None:
-    if isinstance(store, LocalStore):
-        (store.root / "sha256" / digest[:2] / digest).unlink()
-    else:
-        assert isinstance(store, S3Store)
-        store.client.delete_object(Bucket=BUCKET, Key=f"{store.prefix}/sha256/{digest}")
 
 
 def test_publish_then_pull_elsewhere_is_bit_exact(reg: Registry, artifact: Path, tmp_path: Path):

@@ -17,6 +17,7 @@ import boto3
 import pytest
 
 from amk_farm.store import BlobStore, LocalStore, S3Store, StoreError, open_store
+from tests.blobs import corrupt_blob
 
 BUCKET = "amk-test"
 
@@ -61,22 +62,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
         return open_store(str(tmp_path / "store"))
     request.getfixturevalue("s3_env")
     return open_store(f"s3://{BUCKET}/t-{uuid.uuid4().hex[:8]}")
-
-
-def _corrupt(store: BlobStore, digest: str) -> None:
-    """Flip one byte of the stored blob, behind the store's back."""
-    if isinstance(store, LocalStore):
-        path = store.root / "sha256" / digest[:2] / digest
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.chmod(0o644)
-        path.write_bytes(bytes(data))
-    else:
-        assert isinstance(store, S3Store)
-        key = f"{store.prefix}/sha256/{digest}"
-        data = bytearray(store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-        data[len(data) // 2] ^= 0x01
-        store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
 
 
 def test_round_trip_of_bytes_and_files(store: BlobStore, tmp_path: Path) -> None:
@@ -158,7 +143,7 @@ def test_put_is_idempotent_and_does_not_upload_again(
 def test_flipped_byte_is_refused_and_leaves_no_file(store: BlobStore, tmp_path: Path) -> None:
     data = os.urandom(100_000)
     d = store.put_bytes(data)
-    _corrupt(store, d)
+    corrupt_blob(store, d)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(StoreError, match=f"^blob {d} is corrupt: sha256 [0-9a-f]{{64}}$"):

@@ -129,6 +129,19 @@ def agree(lhs: Term, rhs: Term, ranges: Ranges, tables: dict[str, Any], seed: in
     return differ(lhs, rhs, ranges, tables, seed) is None
 
 
+def _replay_data(
+    lhs: Term, rhs: Term, ranges: Ranges, tables: dict[str, list[Fraction]]
+) -> dict[str, Any]:
+    """What `verifier.replay` needs to evaluate both sides in float64."""
+    return {
+        "mode": "algebra",
+        "lhs": encode(lhs),
+        "rhs": encode(rhs),
+        "ranges": {k: list(v) for k, v in ranges.items()},
+        "tables": {k: [str(x) for x in v] for k, v in tables.items()},
+    }
+
+
 def pinned(
     lhs: Term,
     rhs: Term,
@@ -156,14 +169,7 @@ def pinned(
     for (name, *idx), value in sorted(values.items(), key=repr):
         num = str(value) if isinstance(value, int) else smt(("c", Fraction(value)))
         pins.append(f"(assert (= ({name} {' '.join(map(str, idx))}) {num}))")
-    data = {
-        "mode": "algebra",
-        "lhs": encode(lhs),
-        "rhs": encode(rhs),
-        "ranges": {k: list(v) for k, v in ranges.items()},
-        "tables": {k: [str(x) for x in v] for k, v in tables.items()},
-        "at": at,
-    }
+    data = _replay_data(lhs, rhs, ranges, tables) | {"at": at}
     where = ", ".join(f"{k} = {n}" for k, n in at.items())
     return Obligation(
         cls,
@@ -316,13 +322,7 @@ def equal_obligations(
     """lhs (the model graph) = rhs (the kernel) for every value of the free index variables:
     the UF-argument query and the main query."""
     left, right, pairs = _decompose(lhs, rhs, ranges, tables)
-    data = {
-        "mode": "algebra",
-        "lhs": encode(lhs),
-        "rhs": encode(rhs),
-        "ranges": {k: list(v) for k, v in ranges.items()},
-        "tables": {k: [str(x) for x in v] for k, v in tables.items()},
-    }
+    data = _replay_data(lhs, rhs, ranges, tables)
     obs = []
     conds = _conditions((left, right, tuple(pairs)), ranges)
     for case in _cases(conds):
