@@ -732,13 +732,20 @@ def pull(
 ) -> None:
     """Fetch a published artifact, checking signature, key and every sha256 before writing.
 
-    Trusted: the keys in AMK_HOME/trusted/*.pem (this user's own choice), the registry's
-    trusted-keys table, and each --key. The newest compiler version wins if several are
-    published. On any failure DIR is left as it was."""
+    Trusted: this user's own public key (AMK_SIGNING_KEY's .pub, made by `keys init`), the
+    keys in AMK_HOME/trusted/*.pem (this user's own choice), the registry's trusted-keys table,
+    and each --key. The newest compiler version wins if several are published. On any failure
+    DIR is left as it was."""
     from amk_farm import registry, signing
 
+    cfg = config.load()
+    own = signing.public_key_path(cfg.signing_key)
     extra = {}
-    for path in [*sorted((config.load().home / "trusted").glob("*.pem")), *(key or [])]:
+    for path in [
+        *([own] if own.is_file() else []),
+        *sorted((cfg.home / "trusted").glob("*.pem")),
+        *(key or []),
+    ]:
         public = signing.load_public_key(path)
         extra[signing.key_id(public)] = public
     engine, store = _registry()
@@ -797,6 +804,9 @@ def _redacted(url: str) -> str:
     from sqlalchemy import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+from amk_farm import cli_farm  # noqa: E402, F401  (registers submit and status on `app`)
 
 
 def main() -> None:

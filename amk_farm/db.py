@@ -63,47 +63,79 @@ class Model(Base):
 
 
 class Job(Base):
-    """One farm build of a model for a shape template and arch."""
+    """One farm build of a model for a shape template and arch.
+
+    `key` names the build (model hash, template, arch, compiler version, options, starting
+    stage file): submitting the same build again finds this row. `owner` and `heartbeat` say
+    which submitting process drives it; a heartbeat older than `farm.LEASE_S` is a dead owner,
+    whose job the next submitter takes over and resumes.
+    """
 
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     template: Mapped[str] = mapped_column(String(64))
     arch: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(32), default="queued")
+    status: Mapped[str] = mapped_column(String(32), default="queued")  # running failed published
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished: Mapped[dt.datetime | None]
-    stages: Mapped[list[Stage]] = relationship(back_populates="job")
+    key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    owner: Mapped[str | None] = mapped_column(String(255))  # host:pid of the driving process
+    heartbeat: Mapped[dt.datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)  # why it failed, one line
+    summary: Mapped[dict[str, Any] | None]  # the proof summary and what was published
+    model: Mapped[Model] = relationship()
+    stages: Mapped[list[Stage]] = relationship(back_populates="job", order_by="Stage.id")
 
 
 class Stage(Base):
-    """One stage of a job (graph, fuse, schedule, codegen, nvcc, verify, bench)."""
+    """One stage of a job (frontend, fuse, schedule, codegen, nvcc, obligations, prove, bench,
+    publish): where and how long it ran, and the digest of what it stored."""
 
     __tablename__ = "stages"
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(32), default="pending")
+    status: Mapped[str] = mapped_column(
+        String(32), default="pending"
+    )  # running done failed skipped
     started: Mapped[dt.datetime | None]
     finished: Mapped[dt.datetime | None]
     output_digest: Mapped[str | None] = mapped_column(String(64))  # the stage file's sha256
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # failed: why; skipped: why not run
+    node: Mapped[str | None] = mapped_column(String(255))  # the Ray node (host, node id) it ran on
+    seconds: Mapped[float | None] = mapped_column(Float)
     job: Mapped[Job] = relationship(back_populates="stages")
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_stages_job_name"),)
 
 
 class Obligation(Base):
-    """One proof obligation of a job, its verdict, and where its certificate is stored."""
+    """One proof obligation of a job, its verdict, and where its certificate is stored.
+
+    `ordinal` is its place in the job's obligation list (one row each, UNIQUE). `status`:
+    pending, running, proved (solved for this job), cached (the proof of an earlier obligation
+    with the same structural key, in this job or another), failed (reason and counterexample).
+    """
 
     __tablename__ = "obligations"
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     layer: Mapped[int]  # -1: global
     cls: Mapped[str] = mapped_column("class", String(8))
-    status: Mapped[str] = mapped_column(String(32))  # proved, refuted, unknown, timeout, pending
+    status: Mapped[str] = mapped_column(String(32))
     structural_key: Mapped[str] = mapped_column(String(64), index=True)
     solver_seconds: Mapped[float | None] = mapped_column(Float)
     certificate_digest: Mapped[str | None] = mapped_column(String(64))  # blob in the store
+    ordinal: Mapped[int | None]
+    check: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    obligation_digest: Mapped[str | None] = mapped_column(String(64))  # its JSON in the store
+    reason: Mapped[str | None] = mapped_column(Text)
+    counterexample: Mapped[dict[str, Any] | None]
+    node: Mapped[str | None] = mapped_column(String(255))
+    finished: Mapped[dt.datetime | None]
+    __table_args__ = (UniqueConstraint("job_id", "ordinal", name="uq_obligations_job_ordinal"),)
 
 
 class Artifact(Base):

@@ -34,7 +34,6 @@ from tests.blobs import corrupt_blob, delete_blob
 from verifier.verify import verify
 
 runner = CliRunner()
-POSTGRES = "postgresql+psycopg://root@127.0.0.1:5432"
 BUCKET = "amk-registry-test"
 TEMPLATE, ARCH = "b2-s64", "sm_90a"
 
@@ -48,41 +47,6 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report = verify(out, jobs=2, cache=out.parent / "proofs")
     assert report.ok, report.failures()
     return out
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """The PostgreSQL server URL (no database), or a skip saying why there is none."""
-    import psycopg
-
-    try:
-        psycopg.connect(
-            "host=127.0.0.1 port=5432 user=root dbname=postgres", connect_timeout=3
-        ).close()
-    except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({str(e).strip()[:80]})")
-    yield POSTGRES
-
-
-def _pg_admin(sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(
-        "host=127.0.0.1 port=5432 user=root dbname=postgres", autocommit=True
-    ) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    yield endpoint
-    server.stop()
 
 
 @dataclass
@@ -112,12 +76,8 @@ def _registry(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Registry]:
     kind, where = request.param.split("-")
-    dbname = None
     if kind == "postgresql":
-        server = request.getfixturevalue("postgres")
-        dbname = f"amk_test_{uuid.uuid4().hex[:12]}"
-        _pg_admin(f"CREATE DATABASE {dbname}")
-        db_url = f"{server}/{dbname}"
+        db_url = request.getfixturevalue("pg_database")
     else:
         db_url = f"sqlite:///{tmp_path / 'registry.db'}"
     if where == "s3":
@@ -149,8 +109,6 @@ def _registry(
     r.puller.mkdir()
     shutil.copy(pub, r.puller / "trusted.pub")
     yield r
-    if dbname is not None:
-        _pg_admin(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
 
 
 @pytest.fixture(params=["sqlite-local", "postgresql-local", "sqlite-s3", "postgresql-s3"])

@@ -66,8 +66,7 @@ class Obligation:
 
     @property
     def name(self) -> str:
-        where = f"layer {self.layer}" if self.layer >= 0 else "outside the layers"
-        return f"({self.cls}) {self.check}: {self.subject}, {where}"
+        return name_of(self.cls, self.check, self.subject, self.layer)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,3 +76,9 @@ class Obligation:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Obligation:
         return cls(**(d | {"tasks": tuple(d.get("tasks", ()))}))
+
+
+def name_of(cls: str, check: str, subject: str, layer: int) -> str:
+    """How a report names an obligation: "(c) no deadlock: ..., layer 3"."""
+    where = f"layer {layer}" if layer >= 0 else "outside the layers"
+    return f"({cls}) {check}: {subject}, {where}"

@@ -81,28 +81,58 @@ class Report:
         return all(ok for _, ok, _ in self.checks) and all(r.proved for _, r, _ in self.results)
 
     def failures(self) -> list[str]:
-        out = [f"{_labelled(name)}: {why}" for name, ok, why in self.checks if not ok]
-        out += [f"{ob.name}: {r.status}: {r.reason}" for ob, r, _ in self.results if not r.proved]
-        return out
+        return _failures(self.checks, self._rows())
+
+    def _rows(self) -> list[Row]:
+        return [
+            (ob.cls, ob.layer, r.status, cached, ob.name, r.reason)
+            for ob, r, cached in self.results
+        ]
 
     def summary(self) -> dict[str, Any]:
-        per: dict[str, Counter[str]] = defaultdict(Counter)
-        for ob, r, cached in self.results:
-            where = f"{ob.cls} layer {ob.layer}" if ob.layer >= 0 else f"{ob.cls} global"
-            per[where][r.status] += 1
-            per[where]["cached"] += cached
-        return {
-            "artifact": self.artifact,
-            "verified": self.ok,
-            "obligations": len(self.results),
-            "proved": sum(r.proved for _, r, _ in self.results),
-            "cached": sum(c for _, _, c in self.results),
-            "checks": [{"check": n, "ok": ok, "why": why} for n, ok, why in self.checks],
-            "by_class_and_layer": {k: dict(v) for k, v in sorted(per.items())},
-            "skipped": [{"check": n, "why": why} for n, why in self.skipped],
-            "failures": self.failures(),
-            "seconds": round(self.seconds, 2),
-        }
+        return summarize(self.artifact, self.checks, self.skipped, self._rows(), self.seconds)
+
+
+Row = tuple[str, int, str, bool, str, str]  # class, layer, status, cached?, name, reason
+
+
+def _failures(checks: list[tuple[str, bool, str]], rows: list[Row]) -> list[str]:
+    out = [f"{_labelled(name)}: {why}" for name, ok, why in checks if not ok]
+    out += [
+        f"{name}: {status}: {reason}"
+        for _, _, status, _, name, reason in rows
+        if status != "proved"
+    ]
+    return out
+
+
+def summarize(
+    artifact: str,
+    checks: list[tuple[str, bool, str]],
+    skipped: list[tuple[str, str]],
+    rows: list[Row],
+    seconds: float,
+) -> dict[str, Any]:
+    """proof/summary.json: the verdict, counts per class and layer, failures, skipped checks.
+    `rows` has one (class, layer, status, cached?, name, reason) per obligation."""
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    for cls, layer, status, cached, _, _ in rows:
+        where = f"{cls} layer {layer}" if layer >= 0 else f"{cls} global"
+        per[where][status] += 1
+        per[where]["cached"] += cached
+    failures = _failures(checks, rows)
+    return {
+        "artifact": artifact,
+        "verified": not failures,
+        "obligations": len(rows),
+        "proved": sum(status == "proved" for _, _, status, _, _, _ in rows),
+        "cached": sum(cached for _, _, _, cached, _, _ in rows),
+        "checks": [{"check": n, "ok": ok, "why": why} for n, ok, why in checks],
+        "by_class_and_layer": {k: dict(v) for k, v in sorted(per.items())},
+        "skipped": [{"check": n, "why": why} for n, why in skipped],
+        "failures": failures,
+        "seconds": round(seconds, 2),
+    }
 
 
 def _labelled(check: str) -> str:
