@@ -6,6 +6,7 @@ on stderr, `--json`, one line `error: ...` and exit 1 on failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from amk_farm import catalog, config
-from amk_farm.cli import JsonOpt, _options, _registry, _user_errors, app, err
+from amk_farm.cli import JsonOpt, _options, _progress, _registry, _user_errors, app, err
 
 DONE_STATES = ("published", "failed")
 
@@ -108,8 +109,9 @@ def submit(
         for shape in shapes
         for a in archs
     ]
-    err.print(f"[dim]model hash of {spec.name}...[/dim]") if err.is_terminal else None
+    _progress(f"model hash of {spec.name}")
     planned = farm.plan(engine, targets, model_hash(spec, cfg.home))
+    _progress("")
     ids = [j for j, _ in planned]
     for (j, new), t in zip(planned, targets, strict=True):
         print(
@@ -158,9 +160,15 @@ def _drive(ids: list[int]) -> None:
 
     key = _signing_key()
     engine, store = _registry()
-    cluster.connect()
-    with _Bar() as bar:
-        farm.Driver(engine, store, key, progress=bar.update).run(ids)
+    # Ray prints its own notices (a worker that died, ...) on stdout: they go to stderr, and
+    # the cluster is left before this command prints its result there
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            cluster.connect()
+            with _Bar() as bar:
+                farm.Driver(engine, store, key, progress=bar.update).run(ids)
+        finally:
+            cluster.disconnect()
 
 
 class _Bar:

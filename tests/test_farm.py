@@ -92,9 +92,7 @@ def _assert_complete(snap: dict[str, Any]) -> None:
 
 
 @pytest.fixture(params=["sqlite-local", "postgresql-s3"])
-def registry_env(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> dict[str, str]:
+def registry_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     """A user's environment: a fresh home with a signing key, on SQLite with a store directory,
     or on PostgreSQL with an S3 bucket (moto's server on loopback)."""
     if request.param == "sqlite-local":
@@ -164,8 +162,17 @@ def test_a_failing_obligation_fails_the_job_and_nothing_is_published(tmp_path: P
     bug = next(m for m in mutate.full_catalog() if m.name == "residual waits dropped")
     assert mutate.apply(good, tmp_path / "bad", bug.edit) is not None
 
-    p = amk(env, "submit", "tiny-llama", "--from", str(tmp_path / "bad" / "schedule.json"),
-            "-t", TEMPLATE, "--wait", "--json")
+    p = amk(
+        env,
+        "submit",
+        "tiny-llama",
+        "--from",
+        str(tmp_path / "bad" / "schedule.json"),
+        "-t",
+        TEMPLATE,
+        "--wait",
+        "--json",
+    )
     assert p.returncode == 1, p.stderr
     (snap,) = json.loads(p.stdout)["jobs"]
     assert snap["status"] == "failed" and snap["error"].startswith("(c)")
@@ -175,14 +182,19 @@ def test_a_failing_obligation_fails_the_job_and_nothing_is_published(tmp_path: P
     assert {s["stage"]: s["status"] for s in snap["stages"]}["publish"] == "skipped"
     assert json.loads(ok(amk(env, "list", "--json")).stdout) == []
     shown = amk(env, "status", str(snap["job"]))
-    assert shown.returncode == 1 and "FAILED (c)" in shown.stdout and "counterexample" in shown.stdout
+    assert (
+        shown.returncode == 1 and "FAILED (c)" in shown.stdout and "counterexample" in shown.stdout
+    )
 
 
 def test_a_proof_worker_killed_mid_task_is_retried_and_each_result_recorded_once(tmp_path: Path):
     env = _home(tmp_path)
     sub = subprocess.Popen(
         [AMK, "submit", "llama-3.2-1b", "-t", "b1-s256", "--wait", "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         victim = _until(lambda: _processes("ray::prove"), 300, "a proof task to run")[0]
@@ -191,6 +203,7 @@ def test_a_proof_worker_killed_mid_task_is_retried_and_each_result_recorded_once
     finally:
         sub.kill()
     assert sub.returncode == 0, errs[-3000:]
+    assert "worker died or was killed while executing a task" in errs  # Ray's word for it
     (snap,) = json.loads(out)["jobs"]
     _assert_complete(snap)
     _assert_one_proof_per_key(env, snap["job"])
@@ -219,8 +232,9 @@ def _assert_one_proof_per_key(env: dict[str, str], job: int) -> None:
 def test_a_killed_submitter_is_resumed_without_proving_anything_twice(tmp_path: Path):
     env = _home(tmp_path)
     argv = [AMK, "submit", "llama-3.2-1b", "-t", "b1-s256", "--wait", "--json"]
-    sub = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    sub = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
     def proved() -> Any:
         p = amk(env, "status", "--json")
@@ -259,3 +273,17 @@ def _proofs(env: dict[str, str], job: int) -> dict[int, tuple[Any, ...]]:
         ).all()
     eng.dispose()
     return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def test_submit_without_a_signing_key_refuses_before_any_work(tmp_path: Path):
+    env = _env(tmp_path / "home")
+    p = amk(env, "submit", "tiny-llama", "--wait")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith("error: no signing key at ")
+    assert "amk-farm keys init" in p.stderr
+    assert json.loads(ok(amk(env, "status", "--json")).stdout) == []  # no job was made
+
+
+def test_status_of_an_unknown_job_is_one_line_error(tmp_path: Path):
+    p = amk(_env(tmp_path / "home"), "status", "7")
+    assert p.returncode == 1 and p.stderr.strip() == "error: no job 7 in the registry"

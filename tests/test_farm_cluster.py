@@ -43,10 +43,12 @@ def cluster() -> Iterator[str]:
 def _nodes(address: str) -> dict[str, dict[str, float]]:
     """Node id -> resources, as the cluster reports them."""
     code = (
-        "import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+        "import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
         "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
-    ) % address
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return dict(json.loads(p.stdout.strip().splitlines()[-1]))
 

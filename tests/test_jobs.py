@@ -45,7 +45,14 @@ def _job(engine: Engine, key: str = "k" * 64, template: str = "b1-s64") -> tuple
 
 def _index(keys: list[str]) -> list[dict[str, Any]]:
     return [
-        {"key": k, "cls": "c", "check": "no deadlock", "layer": i, "subject": "s", "digest": "d" + k}
+        {
+            "key": k,
+            "cls": "c",
+            "check": "no deadlock",
+            "layer": i,
+            "subject": "s",
+            "digest": "d" + k,
+        }
         for i, k in enumerate(keys)
     ]
 
@@ -92,8 +99,12 @@ def test_a_live_owner_keeps_its_job_and_a_dead_one_loses_it(engine: Engine):
     assert jobs.claim(engine, job, jobs.owner_id())
 
     # an owner on this host whose process is gone is dead at once, heartbeat or not
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
-                          capture_output=True, check=True).stdout.strip()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
     dead = f"{jobs.owner_id().rpartition(':')[0]}:{gone}"
     with Session(engine) as s, s.begin():
         s.execute(update(Job).where(Job.id == job).values(owner=dead, heartbeat=jobs.utcnow()))
@@ -133,7 +144,13 @@ def test_each_obligation_is_one_row_recorded_once(engine: Engine):
 
     snap = jobs.snapshot(engine, job)
     assert snap is not None
-    assert snap["obligations"] == {"proved": 1, "cached": 1, "failed": 1, "running": 0, "pending": 1}
+    assert snap["obligations"] == {
+        "proved": 1,
+        "cached": 1,
+        "failed": 1,
+        "running": 0,
+        "pending": 1,
+    }
     assert snap["layers"]["0"]["proved"] == 1 and snap["layers"]["3"]["pending"] == 1
     assert snap["failures"][0]["counterexample"] == {"t": 3}
 
