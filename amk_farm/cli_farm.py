@@ -296,6 +296,8 @@ def _line(r: dict[str, Any]) -> str:
     total = sum(r["obligations"].values())
     done = r["obligations"]["proved"] + r["obligations"]["cached"]
     owner = f"  ({r['owner']})" if r["owner"] else ""
+    if r["status"] in ("running", "queued") and not r["owner"]:
+        owner = "  (no live submitter: submit it again to resume)"
     return (
         f"job {r['job']:<4} {r['model']:<16} {r['template']:<10} {r['arch']:<7} "
         f"{r['status']:<10} {done}/{total} obligations{owner}"

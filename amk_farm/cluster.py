@@ -16,6 +16,8 @@ from amk_farm import config
 
 OBJECT_STORE_BYTES = 256 * 1024**2  # tasks pass digests; blobs go to the store, not to Ray
 FORWARDED = ("AMK_STORE_URL", "AMK_S3_ENDPOINT_URL")
+LOOPBACK = "127.0.0.2"  # the embedded cluster's address: Ray would turn 127.0.0.1 into the
+# machine's network address, and an embedded cluster has no business there
 
 
 def connect(address: str | None = None) -> dict[str, Any]:
@@ -40,6 +42,7 @@ def connect(address: str | None = None) -> dict[str, Any]:
         else:
             cores = os.cpu_count() or 1
             ray.init(
+                _node_ip_address=LOOPBACK,
                 num_cpus=cores,
                 num_gpus=0,
                 resources={SMT: cores, CODEGEN: 1},

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from compiler.spec import ModelSpec, ShapeTemplate
 
 BATCH_CHARS = 4_000_000  # query text per proof task (about 10 s of Z3), ...
 BATCH_MAX = 24  # ... and at most this many obligations
+ORDER_SHARDS = 4  # tasks that make the schedule's ordering obligations, by layer
 Progress = Callable[[int, str, int, int], None]  # job, what, done, total
 
 
@@ -161,8 +163,11 @@ class Driver:
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(jobs.HEARTBEAT_S):
             for j in list(self._owned):
-                if not jobs.beat(self.engine, j, self.owner):
-                    self._lost.add(j)
+                try:
+                    if not jobs.beat(self.engine, j, self.owner):
+                        self._lost.add(j)
+                except Exception:  # the database hiccuped: beat again next time, the lease
+                    continue  # lasts LEASE_S = 6 heartbeats
 
     def _one(self, job_id: int) -> None:
         """Run the job if we can claim it, else wait until its owner ends it or dies."""
@@ -298,28 +303,46 @@ class Driver:
         return str(out["manifest"])
 
     def _obligations(self, job_id: int, manifest: str) -> dict[str, Any]:
+        """The job's obligation index, made by one task per part (the schedule's ordering
+        split by layer over up to ORDER_SHARDS tasks) and merged in order."""
+        from verifier.verify import PARTS, merge
         from workers import tasks
 
         digest = self._done(job_id, "obligations")
-        if digest is None:
-            self.progress(job_id, "making the obligations", 0, 0)
-            jobs.stage_begin(self.engine, job_id, "obligations")
-            ref = tasks.obligations.options(**tasks.cpu()).remote(self.store.url, manifest)
-            out = self._get(job_id, "obligations", ref)
-            digest = out["index"]
-            index = json.loads(self.store.get_bytes(digest))
-            jobs.add_obligations(self.engine, job_id, index["obligations"])
-            jobs.stage_end(
-                self.engine,
-                job_id,
-                "obligations",
-                "done",
-                digest=digest,
-                node=out["node"],
-                seconds=out["seconds"],
-            )
-            return dict(index)
-        return dict(json.loads(self.store.get_bytes(digest)))
+        if digest is not None:
+            return dict(json.loads(self.store.get_bytes(digest)))
+        self.progress(job_id, "making the obligations", 0, 0)
+        jobs.stage_begin(self.engine, job_id, "obligations")
+        t0 = time.perf_counter()
+        n = max(1, min(ORDER_SHARDS, int(self.cluster.get(tasks.SMT, 1))))
+        parts = [(p, (k, n)) for p in PARTS for k in range(n if p == "order" else 1)]
+        refs = [
+            tasks.obligations.options(**tasks.cpu()).remote(self.store.url, manifest, p, share)
+            for p, share in parts
+        ]
+        outs = [self._get(job_id, "obligations", ref) for ref in refs]
+        lists: dict[str, list[dict[str, Any]]] = {}
+        for (part, _), out in zip(parts, outs, strict=True):  # the ordering's shards in layer order
+            lists[part] = sorted(lists.get(part, []) + out["obligations"], key=itemgetter("layer"))
+        index = {
+            "obligations": merge(
+                [lists[p] for p in PARTS], itemgetter("subject"), itemgetter("key")
+            ),
+            "checks": list({json.dumps(c): c for o in outs for c in o["checks"]}.values()),
+            "skipped": list({json.dumps(c): c for o in outs for c in o["skipped"]}.values()),
+        }
+        digest = self.store.put_bytes(json.dumps(index, sort_keys=True).encode())
+        jobs.add_obligations(self.engine, job_id, index["obligations"])
+        jobs.stage_end(
+            self.engine,
+            job_id,
+            "obligations",
+            "done",
+            digest=digest,
+            node=", ".join(sorted({o["node"] for o in outs})),
+            seconds=time.perf_counter() - t0,
+        )
+        return index
 
     def _prove(self, job_id: int) -> None:
         import ray
@@ -387,7 +410,9 @@ class Driver:
             )
             return None
         jobs.stage_begin(self.engine, job_id, "bench")
-        return tasks.bench.options(**tasks.bench_options(card)).remote(self.store.url, manifest)
+        return tasks.bench.options(**tasks.bench_options(card)).remote(
+            self.store.url, manifest, t.weights
+        )
 
     def _bench_end(self, job_id: int, ref: Any) -> str | None:
         if ref is None:

@@ -175,8 +175,10 @@ def finish(
     error: str | None = None,
     summary: dict[str, Any] | None = None,
 ) -> None:
-    """End the job (published or failed) and give up its lease."""
+    """End the job (published or failed) and give up its lease; obligations it had running
+    are pending again."""
     with Session(engine) as s, s.begin():
+        _unrun(s, job_id)
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.owner == owner)
@@ -194,11 +196,20 @@ def finish(
 def release(engine: Engine, job_id: int, owner: str) -> None:
     """Give up the lease of an unfinished job (interrupted): the next submitter resumes it."""
     with Session(engine) as s, s.begin():
+        _unrun(s, job_id)
         s.execute(
             update(Job)
             .where(Job.id == job_id, Job.owner == owner)
             .values(owner=None, heartbeat=None, status="queued")
         )
+
+
+def _unrun(s: Session, job_id: int) -> None:
+    s.execute(
+        update(Obligation)
+        .where(Obligation.job_id == job_id, Obligation.status == "running")
+        .values(status="pending")
+    )
 
 
 # --- stages -------------------------------------------------------------------------------

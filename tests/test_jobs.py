@@ -142,6 +142,9 @@ def test_each_obligation_is_one_row_recorded_once(engine: Engine):
     assert set(jobs.todo(engine, job)) == {"B", "C"}  # a failure is tried again, never cached
     assert [k for _, k, _ in jobs.certificates(engine, job)] == ["A", "B"]
 
+    jobs.mark_running(engine, job, ["C"])
+    assert jobs.claim(engine, job, "a:1")
+    jobs.finish(engine, job, "a:1", "failed", error="(c) ...")  # its running ones are not
     snap = jobs.snapshot(engine, job)
     assert snap is not None
     assert snap["obligations"] == {

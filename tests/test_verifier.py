@@ -15,8 +15,9 @@ from amk_farm.cli import app
 from compiler.pipeline import compile_model
 from compiler.schedule.schedule import Options
 from compiler.spec import ShapeTemplate
+from verifier import mutate
 from verifier.obligation import Obligation
-from verifier.verify import verify
+from verifier.verify import KERNEL_COPY, PARTS, Report, merge, obligations_of, verify
 
 runner = CliRunner()
 
@@ -79,6 +80,27 @@ def test_identical_layers_share_keys_and_a_changed_query_changes_its_key(fresh):
     assert changed.key != ob.key  # one character of the query text
     relabelled = Obligation(**(ob.to_json() | {"layer": 7, "subject": "x", "tasks": ()}))
     assert relabelled.key == ob.key  # labels are not the query
+
+
+def test_parts_made_apart_are_the_whole_list(fresh, tmp_path):
+    """What farm workers make part by part (the ordering in two shards) merges into the list
+    one process makes, checks included, for a fresh artifact and for one whose kernel.cu runs
+    another task table (then kernel.cu's own obligations are made too)."""
+    bug = next(m for m in mutate.full_catalog() if m.file == "kernel.cu" and m.cls == "c")
+    assert mutate.apply(fresh, tmp_path / "table", bug.edit, bug.file) is not None
+    for directory in (fresh, tmp_path / "table"):
+        whole = Report(str(directory))
+        expected = obligations_of(directory, whole)
+        shares = [(p, (k, 2)) for p in PARTS for k in range(2 if p == "order" else 1)]
+        reports = [Report(str(directory)) for _ in shares]
+        got = merge(
+            [obligations_of(directory, r, p, s) for r, (p, s) in zip(reports, shares, strict=True)]
+        )
+        assert sorted((o.key, o.layer, o.subject) for o in got) == sorted(
+            (o.key, o.layer, o.subject) for o in expected
+        )
+        assert {c for r in reports for c in r.checks} == set(whole.checks)
+        assert any(o.subject.startswith(KERNEL_COPY) for o in got) == (directory != fresh)
 
 
 def test_dropped_dependency_is_rejected_by_the_schedule_class(fresh, tmp_path):

@@ -266,7 +266,12 @@ def counts(sched: Schedule) -> Obligation:
     )
 
 
-def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list[Obligation]:
+def obligations(
+    sched: Schedule, touched: dict[int, Touch], g: Geometry, share: tuple[int, int] = (0, 1)
+) -> list[Obligation]:
+    """The schedule's obligations; `share` = (k, n): only layers l with l % n == k, and for
+    k == 0 the step-wide ones (counts, progress, EMBED/LM head/argmax order, cross-step)."""
+    k, n = share
     deps = dependencies(sched, touched, g)
     layer_of = {
         t.id: (t.layer if group_key((t.kind, t.layer))[1] >= 0 else None)
@@ -278,16 +283,18 @@ def obligations(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> list
     for t, layer in layer_of.items():
         if layer is not None:
             by_layer[layer].add(t)
-    out = [counts(sched), progress(sched)]
+    out = [counts(sched), progress(sched)] if k == 0 else []
     of_b: dict[int | None, list[tuple[int, int]]] = defaultdict(list)  # by the layer of b
     for a, b in deps:
         of_b[layer_of.get(b)].append((a, b))
-    for layer in range(g.layers):
+    for layer in range(k, g.layers, n):
         b_side = by_layer[layer]
         shard = b_side | by_layer.get(layer - 1, set()) | (globals_ if layer == 0 else set())
         mine = sorted(of_b.get(layer, []))
         shard |= {a for a, _ in mine}
         out.append(ordering(sched, shard, mine, layer))
+    if k != 0:
+        return out
     # EMBED, the LM head and the argmax, with the last layer: a dependency that a chain of
     # other required dependencies implies (the argmax's write of the token after EMBED's read
     # of it: through every layer) needs no query, since each link is proved in its own shard

@@ -40,8 +40,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from compiler.artifact import ArtifactError, check_files, read_manifest
 from compiler.ir.fused import FusedGraph
@@ -152,20 +153,26 @@ def _spec_json(spec: ModelSpec) -> str:
     return json.dumps(spec.to_json(), sort_keys=True)
 
 
-def _integrity(directory: Path, report: Report) -> tuple[ModelSpec, ShapeTemplate, Schedule] | None:
+def _integrity(
+    directory: Path, report: Report, checks: bool = True
+) -> tuple[ModelSpec, ShapeTemplate, Schedule] | None:
+    """Read the artifact; with `checks`, also check its hashes, model hash and provenance."""
     try:
         manifest = read_manifest(directory)
-        try:  # an edited file is still judged on what it now says
-            check_files(directory, manifest)
-            report.checks.append(("every file's sha256 is the manifest's", True, ""))
-        except ArtifactError as e:
-            report.checks.append(("every file's sha256 is the manifest's", False, str(e)))
+        if checks:
+            try:  # an edited file is still judged on what it now says
+                check_files(directory, manifest)
+                report.checks.append(("every file's sha256 is the manifest's", True, ""))
+            except ArtifactError as e:
+                report.checks.append(("every file's sha256 is the manifest's", False, str(e)))
         spec = ModelSpec.from_json(manifest.spec)
         template = ShapeTemplate.parse(manifest.template)
         sched = Schedule.loads((directory / "schedule.json").read_text())
     except (ArtifactError, OSError, ValueError) as e:
         report.checks.append(("artifact readable and intact", False, str(e).splitlines()[0]))
         return None
+    if not checks:
+        return spec, template, sched
     digest = _graph(_spec_json(spec)).digest()
     ok = digest == manifest.model_hash
     why = "" if ok else f"rebuilt graph {digest[:12]}, manifest {manifest.model_hash[:12]}"
@@ -173,8 +180,8 @@ def _integrity(directory: Path, report: Report) -> tuple[ModelSpec, ShapeTemplat
     ok = str(sched.template) == str(template)
     why = "" if ok else f"schedule for {sched.template}, artifact for {template}"
     report.checks.append(("schedule.json is for the artifact's shape template", ok, why))
-    checks, skipped = provenance.checks(directory, manifest, spec, template, sched)
-    report.checks += checks
+    found, skipped = provenance.checks(directory, manifest, spec, template, sched)
+    report.checks += found
     report.skipped += skipped
     return spec, template, sched
 
@@ -203,9 +210,22 @@ def _touched(sched: Schedule, g: Geometry, report: Report) -> dict[int, Touch]:
     return out
 
 
-def obligations_of(directory: Path, report: Report) -> list[Obligation]:
-    """The artifact's obligations (integrity checks go into `report`)."""
-    got = _integrity(directory, report)
+T = TypeVar("T")
+PARTS = ("maps", "order", "algebra", "kernel")
+KERNEL_COPY = "kernel.cu: "  # subject prefix of an obligation made for kernel.cu's own table
+
+
+def obligations_of(
+    directory: Path, report: Report, part: str | None = None, shard: tuple[int, int] = (0, 1)
+) -> list[Obligation]:
+    """The artifact's obligations (integrity checks go into `report`).
+
+    A farm makes them in parts, each on its own worker: `part` is one of PARTS (None: all of
+    them, merged), and `shard` = (k, n) splits "order" by layer (l % n == k; k == 0 also holds
+    the step-wide queries). The integrity checks are made by part "maps" (and by None); the
+    parts' lists joined by `merge` are the whole artifact's list.
+    """
+    got = _integrity(directory, report if part in (None, "maps") else Report(report.artifact))
     if got is None:
         return []
     spec, template, sched = got
@@ -214,12 +234,33 @@ def obligations_of(directory: Path, report: Report) -> list[Obligation]:
     except KeyError as e:
         report.checks.append(("schedule binds P, KS and NT", False, f"missing {e}"))
         return []
-    touched = _touched(sched, g, report)
-    obs = (
-        _per_schedule(sched, touched, g) + attention.obligations() + _algebra(directory, g, report)
-    )
-    known = {ob.key for ob in obs}
-    return obs + _kernel_obligations(directory, sched, g, template, report, known)
+    touched = _touched(sched, g, report if part in (None, "maps") else Report(report.artifact))
+    made: dict[str, Callable[[], list[Obligation]]] = {
+        "maps": lambda: (
+            index_maps.obligations(sched, touched, g)
+            + reductions.obligations(g)
+            + kv_invariant.obligations(sched, touched, g)
+        ),
+        "order": lambda: happens_before.obligations(sched, touched, g, shard),
+        "algebra": lambda: attention.obligations() + _algebra(directory, g, report),
+        "kernel": lambda: _kernel_obligations(directory, sched, g, template, report),
+    }
+    if part is not None:
+        return made[part]()
+    return merge([made[p]() for p in PARTS])
+
+
+def merge(
+    parts: list[list[T]],
+    subject: Callable[[T], str] = attrgetter("subject"),
+    key: Callable[[T], str] = attrgetter("key"),
+) -> list[T]:
+    """Parts joined in order, less each obligation made for kernel.cu's task table that one of
+    schedule.json's already is (identical tables make identical queries). Obligations, or
+    anything with their `subject` and `key` (the farm's index entries)."""
+    every = [ob for obs in parts for ob in obs]
+    known = {key(ob) for ob in every if not subject(ob).startswith(KERNEL_COPY)}
+    return [ob for ob in every if not (subject(ob).startswith(KERNEL_COPY) and key(ob) in known)]
 
 
 def _algebra(directory: Path, g: Geometry, report: Report) -> list[Obligation]:
@@ -265,11 +306,11 @@ def _kernel_obligations(
     g: Geometry,
     template: ShapeTemplate,
     report: Report,
-    known: set[str],
 ) -> list[Obligation]:
     """The obligations read from kernel.cu's text (g: its reductions' split constants; h: its
-    KV append's address), and those of the schedule it runs (its task table), where that
-    differs from schedule.json's (identical tables make identical obligations)."""
+    KV append's address; d: with its chunk sizes), and those of the schedule it runs (its task
+    table), where that differs from schedule.json's. Those made again for kernel.cu carry the
+    subject prefix KERNEL_COPY; `merge` drops the ones schedule.json's already are."""
     name = "kernel.cu's task table is schedule.json's"
     try:
         text = (directory / "kernel.cu").read_text()
@@ -292,9 +333,8 @@ def _kernel_obligations(
         consts = batch_invariance.Constants(text)
         chunks = {n: consts.value(n, {}) for n in ("C", "CI", "CV")}
         own += [
-            replace(ob, subject=f"kernel.cu: {ob.subject}")
+            replace(ob, subject=f"{KERNEL_COPY}{ob.subject}")
             for ob in reductions.obligations(g, chunks)
-            if ob.key not in known
         ]
     except (ExprError, ZeroDivisionError) as e:
         report.checks.append(("(d) kernel.cu's chunk sizes are readable", False, str(e)))
@@ -321,9 +361,7 @@ def _kernel_obligations(
     kg = Geometry.of(g.spec, template, table.bound())
     touched = _touched(table, kg, report)
     obs = _per_schedule(table, touched, kg)
-    return own + [
-        replace(ob, subject=f"kernel.cu: {ob.subject}") for ob in obs if ob.key not in known
-    ]
+    return own + [replace(ob, subject=f"{KERNEL_COPY}{ob.subject}") for ob in obs]
 
 
 def _cached(cache: Path | None, ob: Obligation) -> Result | None:

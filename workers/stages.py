@@ -6,7 +6,7 @@ another node redoes the same work from the same inputs, and nothing is lost with
 
     front(spec)                      graph.json, fused.json
     build(spec, template, arch, ...) schedule.json, kernel.cu, kernel.<arch>.cubin, manifest.json
-    obligations(manifest)            every obligation's JSON, and an index of them
+    obligations(manifest, part)      one part's obligations, each as JSON, and their index
     prove(batch)                     one certificate per obligation
     bench(manifest)                  bench.json
 
@@ -127,10 +127,13 @@ def build(
     return {"manifest": digest, "timings": st.timings, "notes": st.notes, "node": node()}
 
 
-def obligations(store_url: str, manifest_digest: str) -> dict[str, Any]:
-    """Read the stored artifact as the verifier reads a directory: its integrity checks, and
-    its obligations, each stored as JSON (identical ones once). Returns the digest of the
-    index: one entry per obligation in order (key, class, check, layer, subject, digest)."""
+def obligations(
+    store_url: str, manifest_digest: str, part: str, share: tuple[int, int] = (0, 1)
+) -> dict[str, Any]:
+    """Read the stored artifact as the verifier reads a directory and make one part of its
+    obligations (`verifier.verify.obligations_of`), each stored as JSON (identical ones once).
+    Returns the part's index: per obligation its key, class, check, layer, subject, digest and
+    size; and the checks it made (part "maps": the integrity checks)."""
     from verifier.verify import Report, obligations_of
 
     store = _store(store_url)
@@ -138,7 +141,7 @@ def obligations(store_url: str, manifest_digest: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="amk-obligations-") as tmp:
         directory = fetch_artifact(store, manifest_digest, Path(tmp) / "artifact")
         report = Report(str(directory))
-        obs = obligations_of(directory, report)
+        obs = obligations_of(directory, report, part, share)
     stored: dict[str, str] = {}
     index = []
     for ob in obs:
@@ -155,13 +158,10 @@ def obligations(store_url: str, manifest_digest: str) -> dict[str, Any]:
                 "size": len(ob.assumptions) + len(ob.goal),
             }
         )
-    checks = [{"check": n, "ok": ok, "why": why} for n, ok, why in report.checks]
-    skipped = [{"check": n, "why": why} for n, why in report.skipped]
-    doc = {"obligations": index, "checks": checks, "skipped": skipped}
     return {
-        "index": _put_json(store, doc),
-        "count": len(index),
-        "distinct": len(stored),
+        "obligations": index,
+        "checks": [{"check": n, "ok": ok, "why": why} for n, ok, why in report.checks],
+        "skipped": [{"check": n, "why": why} for n, why in report.skipped],
         "seconds": time.perf_counter() - t0,
         "node": node(),
     }
@@ -193,13 +193,14 @@ def prove(store_url: str, batch: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return out
 
 
-def bench(store_url: str, manifest_digest: str) -> dict[str, Any]:
-    """`amk-farm bench` of the stored artifact on this node's GPU (synthetic weights, seed 0);
-    bench.json goes into the store."""
+def bench(store_url: str, manifest_digest: str, weights: str | None = None) -> dict[str, Any]:
+    """`amk-farm bench` of the stored artifact on this node's GPU, with the checkpoint at
+    `weights` (a path this node sees) or synthetic weights (seed 0); bench.json goes into the
+    store."""
     from compiler.runtime.bench import run_bench
 
     store = _store(store_url)
     with tempfile.TemporaryDirectory(prefix="amk-bench-") as tmp:
         directory = fetch_artifact(store, manifest_digest, Path(tmp) / "artifact")
-        result = run_bench(str(directory), weights=None, seed=0, log=lambda _: None)
+        result = run_bench(str(directory), weights=weights, seed=0, log=lambda _: None)
     return {"bench": _put_json(store, result), "node": node()}

@@ -33,7 +33,7 @@ prove = ray.remote(stages.prove)
 bench = ray.remote(stages.bench)
 
 
-class RoutingError(Exception):
+class RoutingError(ValueError):
     """The cluster has no node that may run a stage: the message says what to start."""
 
 
