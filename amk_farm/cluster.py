@@ -1,8 +1,9 @@
 """The Ray cluster a farm job runs on: the one at RAY_ADDRESS, or an embedded local one.
 
 The embedded default is sized to the machine: every core offers the `smt` resource (CPU work:
-frontend, fusion, proofs) and one `codegen` slot takes builds (nvcc on a small machine wants
-its memory to itself). Workers get the store's settings through the job's runtime
+frontend, fusion, proofs), one `codegen` slot takes builds (nvcc on a small machine wants
+its memory to itself), and its GPUs, if any, are Ray's to find (with their accelerator type,
+so benchmarks run there). Workers get the store's settings through the job's runtime
 environment; S3 credentials come from each node's own environment, never from the submitter.
 """
 
@@ -44,7 +45,6 @@ def connect(address: str | None = None) -> dict[str, Any]:
             ray.init(
                 _node_ip_address=LOOPBACK,
                 num_cpus=cores,
-                num_gpus=0,
                 resources={SMT: cores, CODEGEN: 1},
                 include_dashboard=False,
                 object_store_memory=OBJECT_STORE_BYTES,

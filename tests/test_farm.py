@@ -143,13 +143,16 @@ def test_submit_proves_publishes_and_pull_gets_it(registry_env: dict[str, str], 
     assert len(json.loads(ok(amk(env, "status", "--json")).stdout)) == 1
 
 
-def test_submit_without_wait_runs_in_the_background(tmp_path: Path):
+def test_submit_without_wait_runs_two_templates_in_the_background(tmp_path: Path):
     env = _home(tmp_path)
-    p = ok(amk(env, "submit", "tiny-llama", "-t", "b1-s64", "--json"))
-    (snap,) = json.loads(p.stdout)["jobs"]
+    p = ok(amk(env, "submit", "tiny-llama", "-t", "b1-s64", "-t", "b4-s64", "--json"))
+    first, second = json.loads(p.stdout)["jobs"]
     assert "background" in json.loads(p.stdout)["note"]
-    watched = ok(amk(env, "status", str(snap["job"]), "--watch", "--interval", "0.5", "--json"))
-    _assert_complete(json.loads(watched.stdout))
+    for snap in (first, second):
+        watched = ok(amk(env, "status", str(snap["job"]), "--watch", "--interval", "0.5", "--json"))
+        _assert_complete(json.loads(watched.stdout))
+    listed = json.loads(ok(amk(env, "list", "--json")).stdout)
+    assert sorted(a["template"] for a in listed) == ["b1-s64", "b4-s64"]
 
 
 def test_a_failing_obligation_fails_the_job_and_nothing_is_published(tmp_path: Path):
