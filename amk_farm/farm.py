@@ -288,18 +288,21 @@ class Driver:
             "codegen": files.get("kernel.cu"),
             "nvcc": out["manifest"],
         }
+        no_cubin = f"kernel.{t.arch}.cubin" not in files
         for name, digest in made.items():
-            skipped = name == "nvcc" and f"kernel.{t.arch}.cubin" not in files
+            failed = name == "nvcc" and no_cubin
             jobs.stage_end(
                 self.engine,
                 job_id,
                 name,
-                "skipped" if skipped else "done",
-                digest=digest,
+                "failed" if failed else "done",
+                digest=None if failed else digest,
                 node=out["node"],
                 seconds=out["timings"].get(name),
-                error="; ".join(out["notes"]) if skipped else None,
+                error="; ".join(out["notes"]) if failed else None,
             )
+        if no_cubin:  # a farm publishes kernels that run: its codegen nodes must have nvcc
+            raise FarmError(f"nvcc on {out['node']}: {'; '.join(out['notes']) or 'no cubin'}")
         return str(out["manifest"])
 
     def _obligations(self, job_id: int, manifest: str) -> dict[str, Any]:

@@ -290,3 +290,17 @@ def test_submit_without_a_signing_key_refuses_before_any_work(tmp_path: Path):
 def test_status_of_an_unknown_job_is_one_line_error(tmp_path: Path):
     p = amk(_env(tmp_path / "home"), "status", "7")
     assert p.returncode == 1 and p.stderr.strip() == "error: no job 7 in the registry"
+
+
+def test_a_codegen_node_without_nvcc_fails_the_job(tmp_path: Path):
+    """A farm publishes kernels that run: an artifact without its cubin is a failed build."""
+    path = os.pathsep.join(
+        d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvcc").exists()
+    )
+    env = _home(tmp_path) | {"PATH": path}
+    p = amk(env, "submit", "tiny-llama", "-t", TEMPLATE, "--wait", "--json")
+    assert p.returncode == 1, p.stderr
+    (snap,) = json.loads(p.stdout)["jobs"]
+    assert snap["status"] == "failed" and "nvcc not found" in snap["error"]
+    assert {s["stage"]: s["status"] for s in snap["stages"]}["nvcc"] == "failed"
+    assert json.loads(ok(amk(env, "list", "--json")).stdout) == []
