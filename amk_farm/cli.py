@@ -564,15 +564,43 @@ def verify(
             f"{artifact}: {state}: {summary['proved']}/{summary['obligations']} obligations "
             f"proved ({summary['cached']} from the cache) in {summary['seconds']:.1f}s"
         )
-        for where, n in summary["by_class_and_layer"].items():
-            counts = ", ".join(f"{k} {v}" for k, v in n.items() if v)
-            print(f"  {where:<16} {counts}")
+        for where, counts in _folded(summary["by_class_and_layer"]):
+            print(f"  {where:<24} {counts}")
         for line in report.failures():
             print(f"FAILED {line}")
         for skipped in summary["skipped"]:
             print(f"not run here: {skipped['check']}: {skipped['why']}")
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _folded(per: dict[str, dict[str, int]]) -> list[tuple[str, str]]:
+    """Per class and layer counts as lines, runs of layers with equal counts folded into one:
+    ("c layers 1-79 (each)", "proved 1, cached 3")."""
+    import re
+
+    rows = []
+    for where, n in per.items():
+        m = re.fullmatch(r"(\w+) layer (\d+)", where)
+        cls, layer = (m.group(1), int(m.group(2))) if m else (where, -1)
+        rows.append((cls.split()[0], layer, cls, ", ".join(f"{k} {v}" for k, v in n.items() if v)))
+    out: list[tuple[str, int, int, str]] = []  # class, first layer, last layer, counts
+    for _, layer, cls, counts in sorted(rows):
+        if layer < 0:
+            out.append((cls, -1, -1, counts))
+            continue
+        last = out[-1] if out else None
+        if last and last[0] == cls and last[2] == layer - 1 and last[3] == counts:
+            out[-1] = (cls, last[1], layer, counts)
+        else:
+            out.append((cls, layer, layer, counts))
+    return [
+        (
+            cls if a < 0 else f"{cls} layer {a}" if a == b else f"{cls} layers {a}-{b} (each)",
+            counts,
+        )
+        for cls, a, b, counts in out
+    ]
 
 
 keys_app = typer.Typer(

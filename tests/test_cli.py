@@ -173,3 +173,20 @@ def test_keys_show_without_a_key_is_a_one_line_error(home):
     assert result.stdout == ""
     assert result.stderr.startswith("error: no signing key at ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_verify_summary_folds_runs_of_alike_layers_in_layer_order():
+    from amk_farm.cli import _folded
+
+    per = {"a global": {"proved": 2}, "c global": {"proved": 4}}
+    per |= {f"b layer {i}": {"proved": 3, "cached": 0} for i in range(12)}
+    per |= {"b layer 12": {"proved": 1, "failed": 1}}
+    per |= {f"c layer {i}": {"proved": 1} for i in (0, 1, 3)}
+    assert _folded(dict(sorted(per.items()))) == [
+        ("a global", "proved 2"),
+        ("b layers 0-11 (each)", "proved 3"),
+        ("b layer 12", "proved 1, failed 1"),
+        ("c global", "proved 4"),
+        ("c layers 0-1 (each)", "proved 1"),
+        ("c layer 3", "proved 1"),
+    ]
