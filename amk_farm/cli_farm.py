@@ -237,13 +237,15 @@ def _print_jobs(engine: Any, ids: list[int], as_json: bool, note: str = "") -> N
 def status(
     job: Annotated[int | None, typer.Argument(help="A job id (default: the newest jobs).")] = None,
     watch: Annotated[
-        bool, typer.Option("--watch", help="Refresh until the job ends (or Ctrl-C).")
+        bool,
+        typer.Option("--watch", help="Refresh until the job ends or its submitter is gone."),
     ] = False,
     interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 2.0,
     as_json: JsonOpt = False,
 ) -> None:
     """A job's stages and its obligations per layer (proved, cached, failed, running, pending),
-    read from the registry: it works from any shell, whether or not the submitter still runs."""
+    read from the registry: it works from any shell, whether or not the submitter still runs.
+    Exit 1 if the job failed, or, with --watch, ended any other way than published."""
     from amk_farm import db, jobs
 
     engine = db.engine(config.load().db_url)
@@ -264,18 +266,23 @@ def status(
         print(json.dumps(snap, indent=2))
     else:
         print(_render(snap))
-    if snap["status"] == "failed":
-        raise typer.Exit(1)
+    if snap["status"] == "failed" or (watch and snap["status"] != "published"):
+        raise typer.Exit(1)  # watched: 0 only when the job was published
 
 
 def _watch(engine: Any, job: int, interval: float, as_json: bool) -> dict[str, Any]:
+    """Refresh until the job ends, or has had no live submitter for a whole lease (then
+    nothing will move it until it is submitted again)."""
     from amk_farm import jobs
 
     shown = ""
+    owned = time.monotonic()
     while True:
         snap = jobs.snapshot(engine, job)
         assert snap is not None
-        if snap["status"] in DONE_STATES:
+        if snap["owner"]:
+            owned = time.monotonic()
+        if snap["status"] in DONE_STATES or time.monotonic() - owned > jobs.LEASE_S:
             if err.is_terminal and not as_json:
                 err.clear()
             return snap
