@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -62,8 +62,11 @@ class _Boxes:
         return self.ids[hit], int(np.prod(hi[hit] - lo[hit], axis=1).sum())
 
 
-def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> set[tuple[int, int]]:
-    """Required (a, b): a must end before b starts (see the module docstring)."""
+Needs = dict[int, set[int]]  # task b -> the tasks a that must end before b starts (never empty)
+
+
+def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> Needs:
+    """Required (a, b): a must end before b starts (see the module docstring), by b."""
     shapes = g.buffers()
     order = {(s.kind, s.layer): i for i, s in enumerate(program(g))}
     # per reference step and buffer: the (task, box) pairs written and read
@@ -84,23 +87,27 @@ def dependencies(sched: Schedule, touched: dict[int, Touch], g: Geometry) -> set
                     mine[t.id].append((mode, reg.buffer, box))
     wb = {k: _Boxes(v) for k, v in w.items()}
     rb = {k: _Boxes(v) for k, v in r.items()}
-    deps: set[tuple[int, int]] = set()
+    needs: Needs = {}
     for b, i in step_of.items():
+        on: set[int] = set()
         for mode, buf, box in mine[b]:
             # same step: any conflict is a race, required in id order
             same = [wb[i, buf].hits(box)[0]] if (i, buf) in wb else []
             if mode == "w" and (i, buf) in rb:
                 same.append(rb[i, buf].hits(box)[0])
-            deps.update((int(a), b) for ids in same for a in ids if a < b)
+            for ids in same:
+                on.update(ids[ids < b].tolist())
             for j in range(i - 1, -1, -1):
                 if mode == "w" and (j, buf) in rb:  # write after read
-                    deps.update((int(a), b) for a in rb[j, buf].hits(box)[0])
+                    on.update(rb[j, buf].hits(box)[0].tolist())
                 if (j, buf) in wb:
                     ids, covered = wb[j, buf].hits(box)
-                    deps.update((int(a), b) for a in ids)
+                    on.update(ids.tolist())
                     if covered >= volume(box):
                         break
-    return deps
+        if on:
+            needs[b] = on
+    return needs
 
 
 class _Done:
@@ -157,10 +164,8 @@ def _signallers(sched: Schedule) -> tuple[dict[int, list[int]], dict[int, int]]:
     return signallers, {c: n for c, (_, n) in enumerate(sched.counters)}
 
 
-def ordering(
-    sched: Schedule, shard: set[int], deps: list[tuple[int, int]], layer: int
-) -> Obligation:
-    """Every dependency (a, b) with b in the shard is ordered (module docstring).
+def ordering(sched: Schedule, shard: set[int], needs: Needs, layer: int) -> Obligation:
+    """Every dependency (a, b) of `needs` (its b in the shard) is ordered (module docstring).
 
     States, not times: booleans f_i (task i has finished) describe a state of the step; a
     state is allowed when finished tasks are closed under queue order and each finished task's
@@ -180,9 +185,6 @@ def ordering(
             lines.append(f"(assert (=> f{local[b]} f{local[a]}))")
     met = {t: _waits_met(sched.tasks[t], done, per_step) for t in sorted(shard)}
     lines += [f"(assert (=> f{local[t]} {met[t]}))" for t in sorted(shard) if met[t] != "true"]
-    needs: dict[int, set[int]] = defaultdict(set)
-    for a, b in deps:
-        needs[b].add(a)
     cases, grouped = [], {}
     for b in sorted(needs):
         by_counter: dict[int, set[int]] = defaultdict(set)
@@ -200,7 +202,7 @@ def ordering(
         "c",
         "every required dependency ordered by the counters",
         layer,
-        f"{len(shard)} tasks, {len(deps)} dependencies",
+        f"{len(shard)} tasks, {sum(map(len, needs.values()))} dependencies",
         "\n".join(lines[: len(local)] + done.lines + lines[len(local) :]) + "\n",
         f"(assert {_or(cases)})\n",
         data={
@@ -272,7 +274,7 @@ def obligations(
     """The schedule's obligations; `share` = (k, n): only layers l with l % n == k, and for
     k == 0 the step-wide ones (counts, progress, EMBED/LM head/argmax order, cross-step)."""
     k, n = share
-    deps = dependencies(sched, touched, g)
+    needs = dependencies(sched, touched, g)
     layer_of = {
         t.id: (t.layer if group_key((t.kind, t.layer))[1] >= 0 else None)
         for t in sched.tasks
@@ -284,14 +286,14 @@ def obligations(
         if layer is not None:
             by_layer[layer].add(t)
     out = [counts(sched), progress(sched)] if k == 0 else []
-    of_b: dict[int | None, list[tuple[int, int]]] = defaultdict(list)  # by the layer of b
-    for a, b in deps:
-        of_b[layer_of.get(b)].append((a, b))
+    of_b: dict[int | None, Needs] = defaultdict(dict)  # by the layer of b
+    for b, on in needs.items():
+        of_b[layer_of.get(b)][b] = on
     for layer in range(k, g.layers, n):
         b_side = by_layer[layer]
         shard = b_side | by_layer.get(layer - 1, set()) | (globals_ if layer == 0 else set())
-        mine = sorted(of_b.get(layer, []))
-        shard |= {a for a, _ in mine}
+        mine = of_b.get(layer, {})
+        shard = shard.union(*mine.values())
         out.append(ordering(sched, shard, mine, layer))
     if k != 0:
         return out
@@ -299,16 +301,21 @@ def obligations(
     # other required dependencies implies (the argmax's write of the token after EMBED's read
     # of it: through every layer) needs no query, since each link is proved in its own shard
     succ: dict[int, list[int]] = defaultdict(list)
-    for a, b in deps:
-        succ[a].append(b)
-    mine = [(a, b) for a, b in sorted(of_b.get(None, [])) if not _chained(a, b, succ)]
-    shard = globals_ | by_layer.get(g.layers - 1, set()) | {a for a, _ in mine}
+    for b, on in needs.items():
+        for a in on:
+            succ[a].append(b)
+    mine = {}
+    for b, on in of_b.get(None, {}).items():
+        kept = {a for a in on if not _chained(a, b, succ)}
+        if kept:
+            mine[b] = kept
+    shard = (globals_ | by_layer.get(g.layers - 1, set())).union(*mine.values())
     out.append(ordering(sched, shard, mine, -1))
-    return [*out, cross_step(sched, touched, deps)]
+    return [*out, cross_step(sched, touched, needs, succ)]
 
 
 def cross_step(
-    sched: Schedule, touched: dict[int, Touch], deps: set[tuple[int, int]]
+    sched: Schedule, touched: dict[int, Touch], needs: Needs, succ: dict[int, list[int]]
 ) -> Obligation:
     """Steps do not overlap: every task of step s ends before any task of step s + 1 starts.
 
@@ -323,12 +330,7 @@ def cross_step(
     assume (earlier steps complete)."""
     writes_token = {t for t, x in touched.items() if any(r.buffer == "token" for r in x.writes)}
     reads_token = {t for t, x in touched.items() if any(r.buffer == "token" for r in x.reads)}
-    succ: dict[int, set[int]] = defaultdict(set)
-    pred: dict[int, set[int]] = defaultdict(set)
-    for a, b in deps:
-        succ[a].add(b)
-        pred[b].add(a)
-    before_r = _closure(writes_token, pred)
+    before_r = _closure(writes_token, needs)
     after_e = _closure(reads_token, succ)
     loose = sorted(set(touched) - before_r)
     early = sorted(set(touched) - after_e)
@@ -368,7 +370,7 @@ def cross_step(
     )
 
 
-def _closure(start: set[int], edges: dict[int, set[int]]) -> set[int]:
+def _closure(start: set[int], edges: Mapping[int, Iterable[int]]) -> set[int]:
     seen, todo = set(start), list(start)
     while todo:
         for y in edges.get(todo.pop(), ()):
