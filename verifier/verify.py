@@ -25,7 +25,8 @@
 4. Each obligation is looked up in the proof cache by its structural key, else proved
    (`verifier.solve.run`, `jobs` processes); proved results are cached, failures never.
 5. Certificates: `proof/` in the artifact directory, written whole or not at all: one JSON per
-   obligation (query text, result, solver version, rlimit used, time) and `summary.json`.
+   distinct obligation (query text, result, solver version, rlimit used, time; identical layers
+   share one) and `summary.json`.
 """
 
 from __future__ import annotations
@@ -388,7 +389,11 @@ def _write_proof(directory: Path, report: Report) -> None:
     """proof/ in the artifact directory, replaced whole (a reader never sees a partial one)."""
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".proof."))
     try:
+        written: set[str] = set()
         for ob, r, cached in report.results:
+            if ob.key in written:  # identical layers: one certificate, of the first
+                continue
+            written.add(ob.key)
             cert = {
                 "obligation": ob.to_json(),
                 "key": ob.key,
