@@ -75,7 +75,7 @@ def submit(
     The same job submitted again is the same job: a finished one is reported, an unfinished one
     resumed (or, while its submitter is alive, waited for). Without --wait the jobs run in a
     background process (log in AMK_HOME/logs) and `amk-farm status` follows them."""
-    from amk_farm import farm
+    from amk_farm import farm, jobs
     from amk_farm.model_hash import model_hash
     from compiler.pipeline import ARCHS
     from compiler.spec import ShapeTemplate
@@ -127,7 +127,12 @@ def submit(
         return
     _drive(ids)
     _print_jobs(engine, ids, as_json)
-    if any(_job_status(engine, j) != "published" for j in ids):
+    ended = {j: jobs.snapshot(engine, j, failures=0) or {} for j in ids}
+    unfinished = {j: e for j, e in ended.items() if e.get("status") != "published"}
+    for j, e in unfinished.items():
+        why = e.get("error") or "not published"
+        print(f"error: job {j} {e.get('status')}: {why}", file=sys.stderr)
+    if unfinished:
         raise typer.Exit(1)
 
 

@@ -179,6 +179,7 @@ def test_a_failing_obligation_fails_the_job_and_nothing_is_published(tmp_path: P
     assert p.returncode == 1, p.stderr
     (snap,) = json.loads(p.stdout)["jobs"]
     assert snap["status"] == "failed" and snap["error"].startswith("(c)")
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: job {snap['job']} failed: (c)")
     assert snap["obligations"]["failed"] > 0
     failure = snap["failures"][0]
     assert failure["obligation"].startswith("(c)") and failure["counterexample"]
