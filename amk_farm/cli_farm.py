@@ -161,10 +161,13 @@ def drive(job_ids: Annotated[list[int], typer.Argument(help="Jobs to run.")]) ->
 
 
 def _drive(ids: list[int]) -> None:
-    from amk_farm import cluster, farm
+    from amk_farm import cluster, farm, jobs
 
     key = _signing_key()
     engine, store = _registry()
+    for j in ids:
+        if jobs.snapshot(engine, j, failures=0) is None:
+            raise ValueError(f"no job {j} in the registry")
     # Ray prints its own notices (a worker that died, ...) on stdout: they go to stderr, and
     # the cluster is left before this command prints its result there
     with contextlib.redirect_stdout(sys.stderr):

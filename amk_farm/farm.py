@@ -208,7 +208,7 @@ class Driver:
         index = self._obligations(job_id, manifest)
         self._check(job_id)
         bench = self._bench_start(job_id, target, manifest)
-        self._prove(job_id)
+        self._prove(job_id, {e["key"]: e["size"] for e in index["obligations"]})
         self._check(job_id)
         bench_digest = self._bench_end(job_id, bench)
         self._publish(job_id, manifest, index, bench_digest)
@@ -347,7 +347,8 @@ class Driver:
         )
         return index
 
-    def _prove(self, job_id: int) -> None:
+    def _prove(self, job_id: int, sizes: dict[str, int]) -> None:
+        """Prove what is left, in batches (`sizes`: query characters per structural key)."""
         import ray
 
         from workers import tasks
@@ -359,7 +360,6 @@ class Driver:
         jobs.stage_begin(self.engine, job_id, "prove")
         jobs.reuse_proofs(self.engine, job_id)
         left = jobs.todo(self.engine, job_id)
-        sizes = self._sizes(job_id)
         batches = _batches(left, sizes)
         total, done = len(left), 0
         self.progress(job_id, "proving", done, total)
@@ -389,12 +389,6 @@ class Driver:
             node=", ".join(sorted(nodes)) or None,
             seconds=time.perf_counter() - t0,
         )
-
-    def _sizes(self, job_id: int) -> dict[str, int]:
-        digest = self._done(job_id, "obligations")
-        assert digest is not None
-        index = json.loads(self.store.get_bytes(digest))
-        return {e["key"]: e["size"] for e in index["obligations"]}
 
     def _bench_start(self, job_id: int, t: Target, manifest: str) -> Any:
         from workers import tasks
