@@ -13,8 +13,23 @@ from pathlib import Path
 from compiler.spec import ModelSpec, RopeScaling, SpecError, spec_from_config_file
 
 # Values copied from each model's HF config.json. head_dim is hidden_size / num_heads for all
-# but the 1B and the test configs, which state it.
+# but the 1B and the test configs, which state it (and SmolLM2, where it is 576 / 9 = 64).
 _ENTRIES: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="smollm2-135m",  # HuggingFaceTB/SmolLM2-135M: 30 narrow layers, the fixed cost per layer
+        arch="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
     ModelSpec(
         name="llama-3.2-1b",  # meta-llama/Llama-3.2-1B
         arch="llama",

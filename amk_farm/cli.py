@@ -256,7 +256,9 @@ def graph(
         print(f"written     {output}")
 
 
-def _options(pairs: list[str], sm_count: int | None, arch: str, batch: int) -> Any:
+def _options(
+    pairs: list[str], sm_count: int | None, arch: str, batch: int, hidden: int | None = None
+) -> Any:
     import dataclasses
 
     from compiler.schedule.schedule import Options
@@ -272,7 +274,7 @@ def _options(pairs: list[str], sm_count: int | None, arch: str, batch: int) -> A
         values[key] = value if fields[key] in (str, "str") else _int(value, key)
     if sm_count is not None:
         values["sm_count"] = sm_count
-    return Options.for_target(arch, batch, **values)
+    return Options.for_target(arch, batch, hidden, **values)
 
 
 def _int(text: str, key: str) -> int:
@@ -320,7 +322,7 @@ def compile_(
 
     spec = catalog.resolve(model)
     shape = ShapeTemplate.parse(template)
-    opts = _options(option or [], sm_count, arch, shape.batch)
+    opts = _options(option or [], sm_count, arch, shape.batch, spec.hidden_size)
     ckpt = None
     if weights is not None:
         from compiler.frontend.checkpoint import Checkpoint, checkpoint_digest
@@ -355,6 +357,11 @@ def compile_(
         "seconds": {k: round(v, 2) for k, v in st.timings.items()},
     }
     if as_json:
+        if st.fused is not None and st.schedule is not None:
+            from compiler.schedule.report import report
+
+            rep = report(st.fused, st.schedule)  # at KV 128; `amk-farm profile` measures it
+            summary["schedule_report"] = {k: v for k, v in rep.items() if k != "longest_chain"}
         print(json.dumps(summary, indent=2))
         return
     print(
@@ -834,7 +841,8 @@ def _redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-from amk_farm import cli_farm  # noqa: E402, F401  (registers submit and status on `app`)
+# the command groups defined in their own modules register themselves on `app`
+from amk_farm import cli_farm, cli_profile  # noqa: E402, F401
 
 
 def main() -> None:

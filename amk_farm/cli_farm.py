@@ -101,7 +101,7 @@ def submit(
             spec,
             shape,
             a,
-            _options(option or [], None, a, shape.batch),
+            _options(option or [], None, a, shape.batch, spec.hidden_size),
             files,
             ckpt,
             str(weights.resolve()) if weights else None,

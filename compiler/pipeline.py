@@ -165,7 +165,11 @@ def compile_model(
     if arch not in ARCHS:
         raise IRError(f"unsupported arch {arch!r} (supported: {', '.join(ARCHS)})")
     st = State(
-        spec, template, arch, options or Options.for_target(arch, template.batch), **(start or {})
+        spec,
+        template,
+        arch,
+        options or Options.for_target(arch, template.batch, spec.hidden_size),
+        **(start or {}),
     )
     writer = ArtifactWriter(out_dir)
     try:

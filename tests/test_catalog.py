@@ -12,6 +12,7 @@ from amk_farm import catalog
 from compiler.spec import ModelSpec, SpecError, spec_from_hf_config, spec_to_hf_config
 
 CANONICAL = [
+    "smollm2-135m",
     "llama-3.2-1b",
     "llama-2-7b",
     "llama-2-13b",
@@ -25,6 +26,7 @@ CANONICAL = [
 
 # Parameter counts of the published checkpoints (sum of their tensor sizes).
 PARAMS = {
+    "smollm2-135m": 134_515_008,
     "llama-3.2-1b": 1_235_814_400,
     "llama-2-7b": 6_738_415_616,
     "llama-2-13b": 13_015_864_320,
@@ -145,6 +147,24 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_word_embeddings=True,
         vocab_size=128256,
+    ),
+    "smollm2-135m": _published(
+        _name_or_path="HuggingFaceTB/SmolLM2-135M",
+        attention_bias=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        hidden_size=576,
+        intermediate_size=1536,
+        max_position_embeddings=8192,
+        mlp_bias=False,
+        num_attention_heads=9,
+        num_hidden_layers=30,
+        num_key_value_heads=3,
+        pretraining_tp=1,
+        rope_scaling=None,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        vocab_size=49152,
     ),
     "mistral-7b": _published(
         architectures=["MistralForCausalLM"],

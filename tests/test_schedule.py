@@ -364,3 +364,13 @@ def test_templates_build(fg: FusedGraph) -> None:
         assert s.bound()["B"] == batch and program_order_violations(s) == []
     with pytest.raises(IRError, match="single task"):
         build_schedule(dataclasses.replace(fg, instrs=fg.instrs[:-1]), B4, Options())
+
+
+def test_narrow_models_default_to_16_row_tiles() -> None:
+    from compiler.schedule.schedule import Options
+
+    assert Options.for_target("sm_90a", 1, 576).row_tile == 16  # smollm2-135m
+    assert Options.for_target("sm_90a", 1, 2048).row_tile == 64  # llama-3.2-1b
+    assert Options.for_target("sm_90a", 1).row_tile == 64  # no model given
+    assert Options.for_target("sm_90a", 16, 576).row_tile == 64  # the tensor-core batch path
+    assert Options.for_target("sm_90a", 1, 576, row_tile=32).row_tile == 32  # given values win

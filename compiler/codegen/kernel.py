@@ -15,6 +15,9 @@ one `__device__` function per instruction kind (device.py), and the one `__globa
                 consumer barrier; thread 0 increments the task's counter (release)
 
 Rendering is a pure function of its inputs: the same FusedGraph and Schedule give the same bytes.
+With `profile=True` (the build `amk-farm profile` runs, never an artifact's kernel.cu) the kernel
+also records global-timer stamps per task (PROFILE_DOC); without it not one line of that code is
+emitted, so the timed kernel carries nothing of it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,26 @@ signal u64 counters in global memory (acquire/release), which are never reset: a
 grows with the global step. The producer warp walks the same queue without waiting on any
 counter and streams each matvec task's weights into a ring of STAGES shared-memory slots, so
 weight reads run ahead of the consumers across task boundaries and dependency waits."""
+PROFILE_DOC = """\
+profile build: the host points amk_prof at PROF_WORDS u64 words, zeroed before each launch:
+  [id * 4 + 0..3]                consumer thread 0 of task id: start, counter waits done, end
+                                 (after its signal), and the SM it ran on (%smid)
+  [NTASKS * 4 + id * 2 + 0..1]   producer lane 0: start and end of issuing the task's weights
+  [NTASKS * 6 + cta * 2 + 0..1]  the CTA's consumers: start of the first task, end of the last
+stamps are %globaltimer nanoseconds of the last step the launch ran"""
+PROFILE_DEFS = """\
+constexpr int PROF_WORDS = NTASKS * 6 + SM_COUNT * 2;
+__device__ u64* amk_prof;  // PROF_WORDS words, set by the host (profile build only)
+__device__ __forceinline__ u64 prof_now() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+  return t;
+}
+__device__ __forceinline__ unsigned prof_smid() {
+  unsigned s;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}"""
 ENTRY = f"""\
 {KERNEL_NAME}(p, steps, pos0, step0): runs `steps` decode steps at positions pos0 ..
 pos0+steps-1; step0 = the steps this counter array has already run. Each step embeds token[b],
@@ -95,7 +118,7 @@ def _header(e: Emitter, fg: FusedGraph, sched: Schedule) -> None:
     e.blank()
 
 
-def _kernel(e: Emitter) -> None:
+def _kernel(e: Emitter, profile: bool) -> None:
     e.comment(ENTRY)
     e.line('extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1)')
     with e.block(
@@ -118,7 +141,10 @@ def _kernel(e: Emitter) -> None:
                 e.block("for (int step = 0; step < steps; ++step)"),
                 e.block("for (int qi = q0; qi < q1; ++qi)"),
             ):
-                e.line("const Task t = TASKS[QUEUE[qi]];")
+                e.line("const int id = QUEUE[qi];")
+                e.line("const Task t = TASKS[id];")
+                if profile:
+                    e.line("const u64 t0 = prof_now();")
                 with e.block("switch (t.op)"):
                     for k in OPS:
                         if streams_weights(k):
@@ -126,13 +152,23 @@ def _kernel(e: Emitter) -> None:
                                 f"case {op_name(k)}: load_{function_name(k)}(p, t, sm, ring); break;"
                             )
                     e.line("default: break;  // reads no weights through the ring")
+                if profile:
+                    e.line("if (lane_id() == 0 && step == steps - 1)")
+                    e.line(
+                        "  amk_prof[NTASKS * 4 + id * 2] = t0, amk_prof[NTASKS * 4 + id * 2 + 1] = prof_now();"
+                    )
             e.line("return;")
         with e.block("for (int step = 0; step < steps; ++step)"):
             e.line("const int pos = pos0 + step;")
             e.line("const i64 gstep = static_cast<i64>(step0) + step;")
             with e.block("for (int qi = q0; qi < q1; ++qi)"):
-                e.line("const Task t = TASKS[QUEUE[qi]];")
+                e.line("const int id = QUEUE[qi];")
+                e.line("const Task t = TASKS[id];")
+                if profile:
+                    e.line("const u64 t0 = prof_now();")
                 e.line("wait_task(p.counters, t, WAITS, PER_STEP, gstep);")
+                if profile:
+                    e.line("const u64 t1 = prof_now();")
                 with e.block("switch (t.op)"):
                     for k in OPS:
                         e.line(
@@ -140,14 +176,24 @@ def _kernel(e: Emitter) -> None:
                         )
                     e.line("default: __trap();")
                 e.line("signal_task(p.counters, t);")
+                if profile:
+                    with e.block("if (threadIdx.x == 0 && step == steps - 1)"):
+                        e.line("u64* r = amk_prof + id * 4;")
+                        e.line("r[0] = t0, r[1] = t1, r[2] = prof_now(), r[3] = prof_smid();")
+                        e.line("if (qi == q0) amk_prof[NTASKS * 6 + blockIdx.x * 2] = t0;")
+                        e.line(
+                            "if (qi == q1 - 1) amk_prof[NTASKS * 6 + blockIdx.x * 2 + 1] = r[2];"
+                        )
 
 
-def render_kernel(fg: FusedGraph, sched: Schedule) -> str:
+def render_kernel(fg: FusedGraph, sched: Schedule, profile: bool = False) -> str:
     """The whole kernel.cu for `fg` under `sched`.
 
     Args:
         fg: the fused graph (instructions, buffers, dims).
         sched: a schedule of `fg` (tasks, counters, per-SM queues, options).
+        profile: the instrumented build of `amk-farm profile` (PROFILE_DOC); an artifact's
+            kernel.cu is always rendered without it.
 
     Returns:
         CUDA C++ source with exactly one `__global__` function, `amk_megakernel`.
@@ -171,8 +217,12 @@ def render_kernel(fg: FusedGraph, sched: Schedule) -> str:
     e.blank()
     render_tables(e, sched)
     e.blank()
+    if profile:
+        e.comment(PROFILE_DOC)
+        e.raw(PROFILE_DEFS)
+        e.blank()
     e.comment("---- instruction bodies, one per kind ----")
     for k in OPS:
         render_device(e, k)
-    _kernel(e)
+    _kernel(e, profile)
     return e.text()

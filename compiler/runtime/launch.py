@@ -238,6 +238,17 @@ class CudaLauncher:
         assert fn.value is not None
         return fn.value
 
+    def set_pointer(self, symbol: str, address: int) -> None:
+        """Store a device address in the module's `__device__` pointer `symbol` (the profile
+        build's `amk_prof`)."""
+        import cupy
+
+        try:
+            mem = self.module.get_global(symbol)
+        except cupy.cuda.driver.CUDADriverError as e:
+            raise LaunchError(f"{KERNEL_NAME}: no __device__ symbol {symbol}", -1, str(e)) from None
+        cupy.ndarray((1,), dtype=cupy.uint64, memptr=mem)[0] = address
+
     def launch(
         self,
         tensors: Mapping[str, Tensor],

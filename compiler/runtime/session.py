@@ -80,6 +80,8 @@ class Session:
         reference: share the weights of an already loaded `Reference` of the same model
             (e.g. a batch-16 session beside a batch-1 one) instead of loading them again.
         poison: fill the fp32 scratch buffers with NaN at allocation.
+        cubin: run this cubin of the artifact's kernel instead of kernel.<arch>.cubin (the
+            profile build, `compiler.runtime.profile`).
 
     Raises:
         ArtifactError: missing or inconsistent artifact files.
@@ -96,6 +98,7 @@ class Session:
         synthetic_on: str = "cpu",
         reference: Reference | None = None,
         poison: bool = True,
+        cubin: Path | None = None,
     ):
         d = Path(artifact_dir)
         self.manifest = read_manifest(d)
@@ -124,7 +127,7 @@ class Session:
             index = int(device)
             _check_device(self.manifest.arch, index)
             self.device = torch.device("cuda", index)
-            cubin = d / f"kernel.{self.manifest.arch}.cubin"
+            cubin = cubin or d / f"kernel.{self.manifest.arch}.cubin"
             if not cubin.is_file():
                 raise ArtifactError(f"{d}: no {cubin.name} (was nvcc on PATH at compile time?)")
             dims = kernel_dims(self.fused, self.schedule)

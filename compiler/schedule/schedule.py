@@ -58,6 +58,12 @@ LARGE_BATCH: dict[str, dict[str, Any]] = {
     "sm_90a": {"matvec": "mma", "stages": 2, "stage_bytes": 64 * 1024, "work_bytes": 96 * 1024},
 }
 MMA_BATCH = 8  # the smallest batch that defaults to the tensor-core matvec
+# Narrow models (hidden size up to NARROW_HIDDEN) at small batch: 16-row tiles. Their phases are
+# latency-bound, so more, shorter tasks finish each phase sooner: smollm2-135m (hidden 576) b1 on
+# an H200 0.967 ms with 64-row tiles, 0.800 with 32, 0.767 with 16 (profiles, NOTES.md v3.1);
+# llama-3.2-1b (hidden 2048) 0.984 with 64, 0.996 with 32, so wider models keep 64.
+NARROW_HIDDEN = 1024
+NARROW: dict[str, Any] = {"row_tile": 16}
 
 
 @dataclass(frozen=True)
@@ -105,11 +111,13 @@ class Options:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
 
     @classmethod
-    def for_target(cls, arch: str, batch: int, **values: Any) -> Options:
-        """The defaults for `arch` and `batch` (ARCH_DEFAULTS, SMALL_BATCH, LARGE_BATCH), with
-        `values` on top."""
+    def for_target(cls, arch: str, batch: int, hidden: int | None = None, **values: Any) -> Options:
+        """The defaults for `arch`, `batch` and the model's `hidden` size (ARCH_DEFAULTS,
+        SMALL_BATCH, LARGE_BATCH, NARROW), with `values` on top."""
         by_batch = LARGE_BATCH if batch >= MMA_BATCH else SMALL_BATCH
-        return cls(**(ARCH_DEFAULTS.get(arch, {}) | by_batch.get(arch, {}) | values))
+        narrow = hidden is not None and hidden <= NARROW_HIDDEN and batch < MMA_BATCH
+        by_model = NARROW if narrow else {}
+        return cls(**(ARCH_DEFAULTS.get(arch, {}) | by_batch.get(arch, {}) | by_model | values))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
