@@ -57,6 +57,7 @@ def test_every_word_option_reaches_the_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "")  # no nvcc: the options, not the cubin
     words = {"policy": "balanced", "matvec": "mma", "weight_l2": "evict_first"}
     words["ring_copy"] = "threads"
+    words["tile_policy"] = "fit"
     compile_tiny(tmp_path / "a", *(f"--option={k}={v}" for k, v in words.items()))
     options = read_manifest(tmp_path / "a").options
     assert {k: options[k] for k in words} == words

@@ -329,6 +329,7 @@ def test_options_hash_differs_per_option() -> None:
     changed["matvec"] = "mma"
     changed["weight_l2"] = "evict_first"
     changed["ring_copy"] = "threads"
+    changed["tile_policy"] = "fit"
     hashes = {base.hash()} | {
         Options(**(base.to_json() | {k: v})).hash() for k, v in changed.items()
     }
@@ -374,3 +375,21 @@ def test_narrow_models_default_to_16_row_tiles() -> None:
     assert Options.for_target("sm_90a", 1).row_tile == 64  # no model given
     assert Options.for_target("sm_90a", 16, 576).row_tile == 64  # the tensor-core batch path
     assert Options.for_target("sm_90a", 1, 576, row_tile=32).row_tile == 32  # given values win
+
+
+def test_fit_tiles_leave_at_most_one_task_per_sm_an_instruction() -> None:
+    from compiler.schedule.split import row_tile
+
+    fit = Options(sm_count=132, tile_policy="fit")
+    # llama-2-7b: o-proj 4096 rows, gate/up 11008, down 4096 in 4 split-K chunks
+    assert (row_tile(4096, 1, fit), row_tile(11008, 1, fit), row_tile(4096, 4, fit)) == (
+        32,
+        88,
+        128,
+    )
+    for rows, splits in ((4096, 1), (11008, 1), (4096, 4), (576, 1), (28672, 1), (8192, 4)):
+        t = row_tile(rows, splits, fit)
+        assert t % 8 == 0 or t == rows
+        assert -(-rows // t) * splits <= 132
+    assert row_tile(11008, 1, Options(row_tile=48)) == 48  # fixed: row_tile as given
+    assert row_tile(100, 1, Options(sm_count=1, tile_policy="fit")) == 100  # never past the rows

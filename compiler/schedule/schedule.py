@@ -44,6 +44,7 @@ POLICIES = ("round_robin", "balanced")
 MATVECS = ("fma", "mma")  # matvec consumers: CUDA-core FMA (fp32 x) or tensor-core mma
 WEIGHT_L2 = ("normal", "evict_first")  # L2 policy of the weight copies
 RING_COPIES = ("async", "threads")  # who fills a ring slot: the copy engine or the producer lanes
+TILE_POLICIES = ("fixed", "fit")  # row tiles: row_tile everywhere, or sized to the SM count
 # defaults that differ by target (compiler/runtime/NOTES.md has the measurements): an A100 has
 # 108 SMs and 163 KiB of shared memory per block, an H100/H200 132 SMs and 227 KiB. Batch 1-7:
 # the CUDA-core matvec with a deep weight ring (6 slots measured 2% faster than 4 on
@@ -77,6 +78,7 @@ class Options:
     work_bytes: int = 32768  # the consumers' shared work area (staged inputs, outputs)
     qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
     row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
+    tile_policy: str = "fixed"  # fixed: row_tile; fit: at most sm_count tasks an instruction
     lm_head_rows: int = (
         128  # at most this many vocabulary rows per LM-head task (NT = ceil(V / it))
     )
@@ -95,6 +97,7 @@ class Options:
             "matvec": MATVECS,
             "weight_l2": WEIGHT_L2,
             "ring_copy": RING_COPIES,
+            "tile_policy": TILE_POLICIES,
         }
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
