@@ -52,7 +52,7 @@ def simulate(sched: Schedule) -> np.ndarray:
     signallers: dict[int, list[int]] = {}
     for t in sched.tasks:
         signallers.setdefault(t.signal, []).append(t.id)
-    words = np.zeros(n * 6 + ctas * 2, dtype=np.uint64)
+    words = np.zeros(n * 6, dtype=np.uint64)
     pos = [0] * ctas
     done = 0
     ns = lambda us: np.uint64(T0 + round(us * 1e3))  # noqa: E731

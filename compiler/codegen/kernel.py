@@ -48,10 +48,9 @@ profile build: the host points amk_prof at PROF_WORDS u64 words, zeroed before e
   [id * 4 + 0..3]                consumer thread 0 of task id: start, counter waits done, end
                                  (after its signal), and the SM it ran on (%smid)
   [NTASKS * 4 + id * 2 + 0..1]   producer lane 0: start and end of issuing the task's weights
-  [NTASKS * 6 + cta * 2 + 0..1]  the CTA's consumers: start of the first task, end of the last
 stamps are %globaltimer nanoseconds of the last step the launch ran"""
 PROFILE_DEFS = """\
-constexpr int PROF_WORDS = NTASKS * 6 + SM_COUNT * 2;
+constexpr int PROF_WORDS = NTASKS * 6;
 __device__ u64* amk_prof;  // PROF_WORDS words, set by the host (profile build only)
 __device__ __forceinline__ u64 prof_now() {
   u64 t;
@@ -180,10 +179,6 @@ def _kernel(e: Emitter, profile: bool) -> None:
                     with e.block("if (threadIdx.x == 0 && step == steps - 1)"):
                         e.line("u64* r = amk_prof + id * 4;")
                         e.line("r[0] = t0, r[1] = t1, r[2] = prof_now(), r[3] = prof_smid();")
-                        e.line("if (qi == q0) amk_prof[NTASKS * 6 + blockIdx.x * 2] = t0;")
-                        e.line(
-                            "if (qi == q1 - 1) amk_prof[NTASKS * 6 + blockIdx.x * 2 + 1] = r[2];"
-                        )
 
 
 def render_kernel(fg: FusedGraph, sched: Schedule, profile: bool = False) -> str:

@@ -85,7 +85,7 @@ def run(
     cubin = build(artifact, work)
     log(f"profile build: {cubin}")
     prof = Session(artifact, cubin=cubin, reference=plain.model)
-    n = len(prof.schedule.tasks) * 6 + len(prof.schedule.queues) * 2
+    n = len(prof.schedule.tasks) * 6  # PROF_WORDS
     words = torch.zeros(n, dtype=torch.int64, device=prof.device)
     assert isinstance(prof.launcher, CudaLauncher)
     prof.launcher.set_pointer("amk_prof", words.data_ptr())

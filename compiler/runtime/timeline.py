@@ -67,10 +67,10 @@ class Timeline:
 
     @classmethod
     def from_stamps(cls, words: np.ndarray, sched: Schedule) -> Timeline:
-        n, ctas = len(sched.tasks), len(sched.queues)
+        n = len(sched.tasks)
         words = np.asarray(words, dtype=np.uint64)
-        if words.shape != (n * 6 + ctas * 2,):
-            raise ProfileError(f"{words.shape[0]} stamp words for {n} tasks and {ctas} CTAs")
+        if words.shape != (n * 6,):
+            raise ProfileError(f"{words.shape[0]} stamp words for {n} tasks (6 a task)")
         cons = words[: n * 4].reshape(n, 4)
         if (cons[:, :3] == 0).any():
             missing = int(np.flatnonzero((cons[:, :3] == 0).any(axis=1))[0])
