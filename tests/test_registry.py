@@ -44,8 +44,13 @@ SECRET = b"s" * 32  # the proof cache secret of every publisher home here
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-llama b2-s64, compiled and verified (proof/ written) once for the module; its
-    proofs are in `seed_cache(artifact)`, MACed with SECRET, for publishers to start from."""
+    """tiny-llama b2-s64, compiled and verified (proof/ written) once for the module."""
+    return verified_artifact(tmp_path_factory)
+
+
+def verified_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-llama b2-s64, compiled and verified (proof/ written); its proofs are in
+    `seed_cache(artifact)`, MACed with SECRET, for publishers to start from (`warm`)."""
     out = tmp_path_factory.mktemp("registry") / "tiny"
     spec, shape = catalog.resolve("tiny-llama"), ShapeTemplate.parse(TEMPLATE)
     compile_model(spec, shape, ARCH, out, Options.for_target(ARCH, shape.batch))
