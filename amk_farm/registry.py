@@ -254,6 +254,19 @@ def publish(
             not match its manifest, or a blob could not be stored.
     """
     directory = Path(artifact_dir)
+    manifest = _checked(directory)
+    if verdict is not None:
+        return _sign_and_store(directory, directory, verdict, engine, store, private_key)
+    with tempfile.TemporaryDirectory(prefix="amk-publish-") as tmp:
+        # verified and published from one private copy: a writer of the directory cannot
+        # show the verifier one file and the store another
+        copy = _snapshot(directory, manifest, Path(tmp) / "artifact")
+        verdict = attest.derive(copy, cache, jobs)
+        return _sign_and_store(copy, directory, verdict, engine, store, private_key)
+
+
+def _checked(directory: Path) -> Manifest:
+    """The manifest of an artifact whose files match it and whose proof/ is of it."""
     try:
         manifest = read_manifest(directory)
         summary = _proof_summary(directory)
@@ -261,23 +274,39 @@ def publish(
     except ArtifactError as e:
         raise RegistryError(f"{e}; refusing to publish") from None
     _bound(directory, summary, sha256_file(directory / MANIFEST))
-    if verdict is None:
-        verdict = attest.derive(directory, cache, jobs)
+    _bench_summary(directory / BENCH, "")
+    return manifest
+
+
+def _snapshot(directory: Path, manifest: Manifest, copy: Path) -> Path:
+    """The files a published artifact holds (`_files`), copied into `copy`."""
+    for name, path in _files(directory, manifest).items():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy / name)
+    return copy
+
+
+def _sign_and_store(
+    where: Path, label: Path, verdict: Verdict, engine: Engine, store: BlobStore, private_key: Any
+) -> Published:
+    """Publish the artifact in `where` (named `label` in messages) with `verdict`."""
+    try:
+        manifest = _checked(where)
+    except RegistryError as e:
+        raise RegistryError(str(e).replace(str(where), str(label))) from None
     if not verdict.ok:
         first = verdict.failures[0] if verdict.failures else "not every obligation is proved"
-        raise RegistryError(
-            f"{directory}: not verified as it is now ({first}); refusing to publish"
-        )
-    why = attest.certificates(directory, verdict.keys)
+        raise RegistryError(f"{label}: not verified as it is now ({first}); refusing to publish")
+    why = attest.certificates(where, verdict.keys)
     if why:
-        raise RegistryError(f"{directory}: {why}; run `amk-farm verify {directory}` again")
-    files = _files(directory, manifest)
+        raise RegistryError(f"{label}: {why}; run `amk-farm verify {label}` again")
+    files = _files(where, manifest)
     digests = {n: sha256_file(p) for n, p in files.items()}
     if any(digests[n] != d for n, d in manifest.files.items()):
-        raise RegistryError(f"{directory}: a file changed while publishing; refusing to publish")
+        raise RegistryError(f"{label}: a file changed while publishing; refusing to publish")
     mdigest = digests[MANIFEST]
     if verdict.manifest_sha256 != mdigest:
-        raise RegistryError(f"{directory}: the manifest is not the one proved; refusing to publish")
+        raise RegistryError(f"{label}: the manifest is not the one proved; refusing to publish")
     with Session(engine) as s:
         done = _already(s, manifest, mdigest)
     if done is not None:
@@ -289,8 +318,8 @@ def publish(
         except (StoreError, OSError) as e:
             raise RegistryError(f"could not store {name}: {e}") from None
         if got != digests[name]:
-            raise RegistryError(f"{directory / name} changed while publishing; refusing to publish")
-    bench = _bench_summary(directory / BENCH, digests.get(BENCH, ""))
+            raise RegistryError(f"{label / name} changed while publishing; refusing to publish")
+    bench = _bench_summary(where / BENCH, digests.get(BENCH, ""))
     predicate = _predicate(manifest, verdict, digests, bench)
     subject = f"{manifest.model}/{manifest.template}/{manifest.arch}/{MANIFEST}"
     envelope = signing.sign(private_key, subject, mdigest, predicate)
@@ -318,7 +347,7 @@ def publish(
             s.add(art)
             s.add(Signature(artifact=art, key_id=kid, envelope=envelope))
             if bench is not None:
-                result = json.loads((directory / BENCH).read_text())
+                result = json.loads((where / BENCH).read_text())
                 gpu = result.get("versions", {}).get("card") if isinstance(result, dict) else None
                 s.add(Benchmark(artifact=art, gpu=gpu, result=result))
             s.flush()  # the artifact's UNIQUE key is checked here
