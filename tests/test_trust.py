@@ -9,6 +9,7 @@ still be accepted.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.orm import Session
 
-from amk_farm import db, registry, signing
+from amk_farm import attest, db, registry, signing
 from amk_farm.cli import app
 from compiler.artifact import Manifest, read_manifest
 from tests.test_registry import (
@@ -337,3 +338,53 @@ def test_keys_trust_of_a_public_key_writes_it_into_the_users_trusted_dir(
     assert list(signing.trusted_keys()) == [signing.key_id(GOOD)]
     for missing in (tmp_path / "none.pem", tmp_path):  # no file; a directory
         refused(runner.invoke(app, ["keys", "trust", str(missing)]), str(missing))
+
+
+# --- the farm's verdict ----------------------------------------------------------------------
+
+
+class _Row:
+    def __init__(self, key: str, status: str, cls: str = "b"):
+        self.structural_key, self.status, self.cls = key, status, cls
+
+
+def test_the_farms_verdict_is_of_its_manifest_and_its_index_only():
+    from amk_farm.farm import FarmError, _verdict
+
+    m = "a" * 64
+    index = {
+        "manifest": m,
+        "verifier": {"version": "0.3.0", "source_sha256": "b" * 64, "z3": "4"},
+        "obligations": [{"key": "k1"}, {"key": "k2"}, {"key": "k2"}],
+        "checks": [{"check": "c", "ok": True, "why": ""}],
+        "skipped": [],
+    }
+    rows = [_Row("k1", "proved"), _Row("k2", "proved"), _Row("k2", "cached")]
+    summary = {"failures": []}
+    v = _verdict(m, index, summary, rows)
+    assert v.ok and (v.obligations, v.proved, v.keys) == (3, 3, frozenset({"k1", "k2"}))
+    assert v.predicate()["manifest_sha256"] == m and v.predicate()["verifier"]["version"]
+    with pytest.raises(FarmError, match="not of the manifest"):  # an index of another build
+        _verdict("c" * 64, index, summary, rows)
+    with pytest.raises(FarmError, match="not of the manifest"):  # an index naming none
+        _verdict(m, {k: v for k, v in index.items() if k != "manifest"}, summary, rows)
+    with pytest.raises(FarmError, match="not those of its index"):  # a row slipped in
+        _verdict(m, index, summary, [*rows, _Row("k3", "proved")])
+    failed = _verdict(m, index, summary, [_Row("k1", "failed"), *rows[1:]])
+    assert not failed.ok and failed.proved == 2
+
+
+def test_publish_refuses_a_given_verdict_about_another_manifest(reg: Registry, artifact: Path):
+    reg.home(reg.publisher)
+    verdict = attest.derive(artifact, seed_cache(artifact))
+    assert verdict.ok
+    other = dataclasses.replace(verdict, manifest_sha256="0" * 64)
+    with pytest.raises(registry.RegistryError, match="not the one proved"):
+        registry.publish(
+            artifact,
+            engine=reg.engine(),
+            store=reg.store,
+            private_key=signing.load_private_key(),
+            verdict=other,
+        )
+    assert registry.list_artifacts(reg.engine()) == []
