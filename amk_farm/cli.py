@@ -552,7 +552,7 @@ def verify(
 
     if not (artifact / "manifest.json").is_file():
         raise ArtifactError(f"{artifact} is not an artifact directory (no manifest.json)")
-    cache = None if no_cache else config.load().home / "proofs"
+    cache = None if no_cache else _proof_cache()
 
     def progress(done: int, total: int) -> None:
         _progress(f"verify {artifact}: {done}/{total} distinct obligations proved or failed")
@@ -688,6 +688,14 @@ def _artifact_or_compile(
     return out
 
 
+def _proof_cache() -> Any:
+    """AMK_HOME/proofs, its entries MACed with the secret beside the signing key."""
+    from amk_farm import signing
+    from verifier.cache import ProofCache
+
+    return ProofCache(config.load().home / "proofs", signing.cache_secret())
+
+
 def _registry() -> tuple[Any, Any]:
     """The registry's database (migrated to head on first use) and blob store, from the config."""
     from amk_farm import db
@@ -707,14 +715,24 @@ def publish(
 ) -> None:
     """Publish a verified ARTIFACT: blobs to the store, signed rows to the registry.
 
-    Refuses an artifact without a passing proof/summary.json or whose files do not match the
-    manifest. Publishing a key that is there already is not an error: it says so."""
+    The verdict signed is derived again from ARTIFACT as it is on disk (the verifier, with the
+    proof cache of AMK_HOME/proofs: an artifact verified here is not proved twice). Refuses an
+    artifact that does not verify as it is, whose proof/ is not the proof of its manifest (run
+    `verify` again), or whose files do not match the manifest. Publishing a key that is there
+    already is not an error: it says so."""
     from amk_farm import registry, signing
 
     private_key = signing.load_private_key(config.load().signing_key)
     engine, store = _registry()
-    _progress(f"publishing {artifact}")
-    result = registry.publish(artifact, engine=engine, store=store, private_key=private_key)
+    _progress(f"publishing {artifact}: verifying it as it is")
+    result = registry.publish(
+        artifact,
+        engine=engine,
+        store=store,
+        private_key=private_key,
+        cache=_proof_cache(),
+        jobs=os.cpu_count() or 1,
+    )
     _progress("")
     if result.note:
         print(f"note: {result.note}", file=sys.stderr)
@@ -765,27 +783,22 @@ def pull(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fetch a published artifact, checking signature, key and every sha256 before writing.
+    """Fetch a published artifact, checking signature, key, attestation and every sha256 before
+    writing.
 
-    Trusted: this user's own public key (AMK_SIGNING_KEY's .pub, made by `keys init`), the
-    keys in AMK_HOME/trusted/*.pem (this user's own choice), the registry's trusted-keys table,
-    and each --key. The newest compiler version wins if several are published. On any failure
-    DIR is left as it was."""
+    Trusted, and nothing else: this user's own public key (AMK_SIGNING_KEY's .pub, made by
+    `keys init`), the keys in AMK_HOME/trusted/*.pem (this user's own choice, `keys trust`),
+    and each --key. Never a key from the registry database. The attestation must say that
+    every obligation was proved for the very manifest handed out. The newest compiler version
+    wins if several are published. On any failure DIR is left as it was."""
     from amk_farm import registry, signing
 
-    cfg = config.load()
-    own = signing.public_key_path(cfg.signing_key)
-    extra = {}
-    for path in [
-        *([own] if own.is_file() else []),
-        *sorted((cfg.home / "trusted").glob("*.pem")),
-        *(key or []),
-    ]:
-        public = signing.load_public_key(path)
-        extra[signing.key_id(public)] = public
+    trusted = signing.trusted_keys(key or [])
     engine, store = _registry()
     _progress(f"pulling {model} {template} {arch}")
-    result = registry.pull(model, template, arch, output, engine=engine, store=store, trusted=extra)
+    result = registry.pull(
+        model, template, arch, output, engine=engine, store=store, trusted=trusted
+    )
     _progress("")
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
@@ -803,17 +816,17 @@ def keys_trust(
     pem_file: Annotated[Path, typer.Argument(help="Ed25519 public key (PEM) to trust.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Trust PEM_FILE's key: `pull` accepts artifacts it signed."""
-    from amk_farm import db, registry
+    """Trust PEM_FILE's key: this user's `pull` accepts artifacts it signed.
 
-    if not pem_file.is_file():
-        raise FileNotFoundError(f"no public key at {pem_file}")
-    engine = db.engine(config.load().db_url)
-    kid, new = registry.trust_key(engine, pem_file.read_text())
+    PEM_FILE must be one Ed25519 public key in PEM and nothing else (not a private key). A copy
+    goes to AMK_HOME/trusted/ (this user's own trust; the registry database is not touched)."""
+    from amk_farm import signing
+
+    kid, path, new = signing.trust(pem_file)
     if as_json:
-        print(json.dumps({"key_id": kid, "added": new}))
+        print(json.dumps({"key_id": kid, "added": new, "path": str(path)}))
         return
-    print(f"{'trusted' if new else 'already trusted'}: {kid}")
+    print(f"{'trusted' if new else 'already trusted'}: {kid} ({path})")
 
 
 db_app = typer.Typer(help="The registry database.", no_args_is_help=True)

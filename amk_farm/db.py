@@ -4,7 +4,7 @@
     jobs        a farm build of one (model, template, arch); stages and obligations hang off it
     artifacts   one published artifact, keyed by (model hash, template, arch, compiler version)
     artifact_files, signatures, benchmarks   what an artifact holds, who signed it, how fast it is
-    trusted_keys  Ed25519 public keys whose signatures `pull` accepts
+    trusted_keys  unused: `pull` trusts only the puller's own key files (`signing.trusted_keys`)
 
 The schema is created and changed only by the Alembic migrations in `amk_farm/migrations`;
 `engine()` brings a database up to their head on first use. SQLite (the default, a file in
@@ -209,7 +209,8 @@ class Benchmark(Base):
 
 
 class TrustedKey(Base):
-    """A public key whose signatures `pull` accepts."""
+    """Unused, kept so the schema stays at its migration: a database row is never a trust root
+    (any writer of the database could add one); `pull` trusts only local key files."""
 
     __tablename__ = "trusted_keys"
     key_id: Mapped[str] = mapped_column(String(128), primary_key=True)

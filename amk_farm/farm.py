@@ -20,6 +20,7 @@ import json
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session
 
 import compiler
 from amk_farm import jobs, registry
+from amk_farm.attest import Verdict
 from amk_farm.db import Job
 from amk_farm.store import BlobStore
 from compiler.schedule.schedule import Options
@@ -327,7 +329,12 @@ class Driver:
         lists: dict[str, list[dict[str, Any]]] = {}
         for (part, _), out in zip(parts, outs, strict=True):  # the ordering's shards in layer order
             lists[part] = sorted(lists.get(part, []) + out["obligations"], key=itemgetter("layer"))
+        verifiers = {json.dumps(o["verifier"], sort_keys=True) for o in outs}
+        if len(verifiers) != 1:  # one verdict is made by one verifier
+            raise FarmError(f"obligations were made by {len(verifiers)} verifier versions")
         index = {
+            "manifest": manifest,  # what these are the obligations of
+            "verifier": outs[0]["verifier"],
             "obligations": merge(
                 [lists[p] for p in PARTS], itemgetter("subject"), itemgetter("key")
             ),
@@ -442,6 +449,7 @@ class Driver:
                 for r in rows
             ],
             sum(r.solver_seconds or 0.0 for r in rows),
+            manifest,
         )
         if not summary["verified"]:
             first = summary["failures"][0] if summary["failures"] else "not verified"
@@ -450,6 +458,7 @@ class Driver:
             )
             jobs.finish(self.engine, job_id, self.owner, "failed", error=first, summary=summary)
             return
+        verdict = _verdict(manifest, index, summary, rows)
         self.progress(job_id, "publishing", 0, 0)
         t0 = time.perf_counter()
         jobs.stage_begin(self.engine, job_id, "publish")
@@ -457,7 +466,11 @@ class Driver:
             directory = self._assemble(Path(tmp) / "artifact", job_id, manifest, summary, bench)
             try:
                 published = registry.publish(
-                    directory, engine=self.engine, store=self.store, private_key=self.key
+                    directory,
+                    engine=self.engine,
+                    store=self.store,
+                    private_key=self.key,
+                    verdict=verdict,
                 )
             except registry.RegistryError as e:
                 jobs.stage_end(self.engine, job_id, "publish", "failed", error=str(e))
@@ -495,6 +508,32 @@ class Driver:
         if bench is not None:
             self.store.get_file(bench, directory / registry.BENCH)
         return directory
+
+
+def _verdict(
+    manifest: str, index: dict[str, Any], summary: dict[str, Any], rows: list[Any]
+) -> Verdict:
+    """The farm's verdict about the artifact `manifest` (see `attest`): of the obligations its
+    index (made from that manifest) lists, with the counts of the job's rows; `registry.publish`
+    re-checks the certificates in proof/ against the index's keys. An index of another manifest
+    is no verdict about this one."""
+    if index.get("manifest") != manifest:
+        raise FarmError(f"the obligation index is not of the manifest {manifest[:12]}")
+    keys = frozenset(e["key"] for e in index["obligations"])
+    if {r.structural_key for r in rows} != keys:
+        raise FarmError("the job's obligation rows are not those of its index")
+    proved = [r for r in rows if r.status in ("proved", "cached")]
+    return Verdict(
+        manifest_sha256=manifest,
+        verifier=dict(index["verifier"]),
+        obligations=len(rows),
+        proved=len(proved),
+        keys=keys,
+        proved_by_class=dict(Counter(r.cls for r in proved)),
+        checks=len(index["checks"]),
+        failures=tuple(summary["failures"]),
+        skipped=tuple(c["check"] for c in index["skipped"]),
+    )
 
 
 def _batches(left: dict[str, str], sizes: dict[str, int]) -> list[list[tuple[str, str]]]:

@@ -3,14 +3,22 @@
 An artifact is keyed by (model hash, shape template, arch, compiler version). Its files live in
 the blob store under their sha256; the database holds one `artifacts` row, one row per file and
 the signature: a DSSE envelope over an in-toto statement whose subject is the manifest's sha256
-and whose predicate names the key, the toolchain, the proof counts and every file's digest.
+and whose predicate names the key, the toolchain, the verdict (`attest`: the manifest's sha256,
+the verifier, obligations proved of total) and every file's digest.
+
+A signature means "proved here": `publish` signs only a verdict it derived itself from the
+artifact as it is on disk (`attest.derive`, the verifier run with the publisher's proof cache)
+or that the caller derived (the farm, from the certificates of the obligations it proved), and
+refuses a proof/ that is not the proof of this manifest.
 
 Publishing uploads every blob first and then inserts all rows in one transaction, so a reader
 sees a whole artifact or none. Two publishers of one key race on the UNIQUE key: one inserts,
 the other gets the integrity error and reports "already published".
 
-Pulling trusts nothing it reads: the signature must verify against a trusted key, its subject
-must be the manifest's digest, its predicate must name the rows' key and files, and every file
+Pulling trusts nothing it reads: the signature must verify against a key the puller trusts
+(keys it holds in local files, passed in by the caller; never a database row), the attestation
+must be "proved here" for the manifest it hands out (`attest.check`), its predicate must name
+the rows' key and files, and every file
 is checked against its sha256 (by the store while downloading, and against the manifest) in a
 temporary directory beside the destination, which is renamed into place only when all passed.
 
@@ -21,11 +29,11 @@ Resources are made by the caller (the CLI) and passed in: an engine (`db.engine`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -35,8 +43,9 @@ from sqlalchemy import Engine, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from amk_farm import signing
-from amk_farm.db import Artifact, ArtifactFile, Benchmark, Model, Signature, TrustedKey
+from amk_farm import attest, signing
+from amk_farm.attest import SUMMARY, Verdict
+from amk_farm.db import Artifact, ArtifactFile, Benchmark, Model, Signature
 from amk_farm.store import BlobStore, StoreError
 from compiler.artifact import (
     MANIFEST,
@@ -47,7 +56,6 @@ from compiler.artifact import (
     sha256_file,
 )
 
-SUMMARY = "proof/summary.json"
 BENCH = "bench.json"
 
 
@@ -93,7 +101,8 @@ class Pulled:
 
 
 def _proof_summary(directory: Path) -> dict[str, Any]:
-    """proof/summary.json, if it says verified with no failures; else RegistryError."""
+    """proof/summary.json, if it says verified with no failures; else RegistryError. (Only a
+    first, cheap refusal: what is signed is the verdict derived again, `attest.derive`.)"""
     path = directory / SUMMARY
     fix = f"run `amk-farm verify {directory}` first"
     if not path.is_file():
@@ -138,12 +147,20 @@ def _bench_summary(path: Path, digest: str) -> dict[str, Any] | None:
     return {**out, "sha256": digest}
 
 
+def _bound(directory: Path, summary: dict[str, Any], digest: str) -> None:
+    """proof/summary.json is of the manifest whose sha256 is `digest`; else RegistryError."""
+    named = summary.get("manifest_sha256")
+    if named != digest:
+        of = f"of manifest {named[:12]}" if isinstance(named, str) and named else "of no manifest"
+        raise RegistryError(
+            f"{directory / SUMMARY} is {of}, not of this one ({digest[:12]}): a stale proof; "
+            f"run `amk-farm verify {directory}` again"
+        )
+
+
 def _predicate(
-    manifest: Manifest, summary: dict[str, Any], digests: dict[str, str], bench: Any
+    manifest: Manifest, verdict: Verdict, digests: dict[str, str], bench: Any
 ) -> dict[str, Any]:
-    by_class: Counter[str] = Counter()
-    for where, counts in summary.get("by_class_and_layer", {}).items():
-        by_class[where.split()[0]] += counts.get("proved", 0)
     return {
         "artifact": {
             "model": manifest.model,
@@ -154,14 +171,7 @@ def _predicate(
             "options_hash": manifest.options_hash,
         },
         "toolchain": manifest.toolchain,
-        "verification": {
-            "verified": True,
-            "obligations": summary["obligations"],
-            "proved": summary["proved"],
-            "proved_by_class": dict(sorted(by_class.items())),
-            "checks": len(summary.get("checks", [])),
-            "skipped": [s.get("check") for s in summary.get("skipped", [])],
-        },
+        "verification": verdict.predicate(),
         "benchmark": bench,
         "files": {n: d for n, d in sorted(digests.items()) if n != MANIFEST},
     }
@@ -212,35 +222,91 @@ def _insert_ignore(s: Session, table: Any, **values: Any) -> None:
         s.execute(sqlite_insert(table).values(**values).on_conflict_do_nothing())
 
 
-def publish(artifact_dir: Path, *, engine: Engine, store: BlobStore, private_key: Any) -> Published:
+def publish(
+    artifact_dir: Path,
+    *,
+    engine: Engine,
+    store: BlobStore,
+    private_key: Any,
+    verdict: Verdict | None = None,
+    cache: Any = None,
+    jobs: int = 1,
+) -> Published:
     """Publish a verified artifact directory: blobs to the store, signed rows to the database.
 
     Args:
-        artifact_dir: an artifact directory with a passing `proof/summary.json`.
+        artifact_dir: an artifact directory whose `proof/` is the proof of its manifest.
         engine: the registry database (`db.engine`).
         store: where the blobs go.
         private_key: the Ed25519 signing key (`signing.load_private_key`).
+        verdict: the verdict about this artifact, derived by the caller from what it proved;
+            None: derive it here (`attest.derive`, with `cache` and `jobs`).
+        cache: the publisher's `verifier.cache.ProofCache`, for `attest.derive`.
+        jobs: solver processes for `attest.derive`.
 
     Returns:
         What was done; "already published" if the key was there (no error: publishing is
         idempotent, and of two concurrent publishers of one key exactly one inserts).
 
     Raises:
-        RegistryError: the artifact is not verified, does not match its manifest, or a blob
-            could not be stored.
+        RegistryError: the artifact is not proved as it is (the verdict derived again fails,
+            or is of another manifest), its proof/ is stale or not of its obligations, it does
+            not match its manifest, or a blob could not be stored.
     """
     directory = Path(artifact_dir)
+    manifest = _checked(directory)
+    if verdict is not None:
+        return _sign_and_store(directory, directory, verdict, engine, store, private_key)
+    with tempfile.TemporaryDirectory(prefix="amk-publish-") as tmp:
+        # verified and published from one private copy: a writer of the directory cannot
+        # show the verifier one file and the store another
+        copy = _snapshot(directory, manifest, Path(tmp) / "artifact")
+        verdict = attest.derive(copy, cache, jobs)
+        return _sign_and_store(copy, directory, verdict, engine, store, private_key)
+
+
+def _checked(directory: Path) -> Manifest:
+    """The manifest of an artifact whose files match it and whose proof/ is of it."""
     try:
         manifest = read_manifest(directory)
         summary = _proof_summary(directory)
         check_files(directory, manifest)
     except ArtifactError as e:
         raise RegistryError(f"{e}; refusing to publish") from None
-    files = _files(directory, manifest)
+    _bound(directory, summary, sha256_file(directory / MANIFEST))
+    _bench_summary(directory / BENCH, "")
+    return manifest
+
+
+def _snapshot(directory: Path, manifest: Manifest, copy: Path) -> Path:
+    """The files a published artifact holds (`_files`), copied into `copy`."""
+    for name, path in _files(directory, manifest).items():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy / name)
+    return copy
+
+
+def _sign_and_store(
+    where: Path, label: Path, verdict: Verdict, engine: Engine, store: BlobStore, private_key: Any
+) -> Published:
+    """Publish the artifact in `where` (named `label` in messages) with `verdict`."""
+    try:
+        manifest = _checked(where)
+    except RegistryError as e:
+        raise RegistryError(str(e).replace(str(where), str(label))) from None
+    if not verdict.ok:
+        first = verdict.failures[0] if verdict.failures else "not every obligation is proved"
+        raise RegistryError(f"{label}: not verified as it is now ({first}); refusing to publish")
+    why = attest.certificates(where, verdict.keys)
+    if why:
+        raise RegistryError(f"{label}: {why}; run `amk-farm verify {label}` again")
+    files = _files(where, manifest)
     digests = {n: sha256_file(p) for n, p in files.items()}
     if any(digests[n] != d for n, d in manifest.files.items()):
-        raise RegistryError(f"{directory}: a file changed while publishing; refusing to publish")
+        raise RegistryError(f"{label}: a file changed while publishing; refusing to publish")
     mdigest = digests[MANIFEST]
+    if verdict.manifest_sha256 != mdigest:
+        raise RegistryError(f"{label}: the manifest is not the one proved; refusing to publish")
     with Session(engine) as s:
         done = _already(s, manifest, mdigest)
     if done is not None:
@@ -252,9 +318,9 @@ def publish(artifact_dir: Path, *, engine: Engine, store: BlobStore, private_key
         except (StoreError, OSError) as e:
             raise RegistryError(f"could not store {name}: {e}") from None
         if got != digests[name]:
-            raise RegistryError(f"{directory / name} changed while publishing; refusing to publish")
-    bench = _bench_summary(directory / BENCH, digests.get(BENCH, ""))
-    predicate = _predicate(manifest, summary, digests, bench)
+            raise RegistryError(f"{label / name} changed while publishing; refusing to publish")
+    bench = _bench_summary(where / BENCH, digests.get(BENCH, ""))
+    predicate = _predicate(manifest, verdict, digests, bench)
     subject = f"{manifest.model}/{manifest.template}/{manifest.arch}/{MANIFEST}"
     envelope = signing.sign(private_key, subject, mdigest, predicate)
     kid = signing.key_id(private_key)
@@ -281,7 +347,7 @@ def publish(artifact_dir: Path, *, engine: Engine, store: BlobStore, private_key
             s.add(art)
             s.add(Signature(artifact=art, key_id=kid, envelope=envelope))
             if bench is not None:
-                result = json.loads((directory / BENCH).read_text())
+                result = json.loads((where / BENCH).read_text())
                 gpu = result.get("versions", {}).get("card") if isinstance(result, dict) else None
                 s.add(Benchmark(artifact=art, gpu=gpu, result=result))
             s.flush()  # the artifact's UNIQUE key is checked here
@@ -348,34 +414,6 @@ def _version_key(a: Artifact) -> tuple[Any, ...]:
     return (parts, a.created, a.id)
 
 
-def trusted_keys(engine: Engine) -> dict[str, Any]:
-    """The public keys in the registry's `trusted_keys` table, by key id."""
-    with Session(engine) as s:
-        rows = s.scalars(select(TrustedKey)).all()
-        out = {}
-        for row in rows:
-            key = signing.load_public_key(row.pem)
-            if signing.key_id(key) != row.key_id:  # a row edited to vouch for another key
-                raise RegistryError(f"trusted key {row.key_id[:16]}: its PEM has another key id")
-            out[row.key_id] = key
-        return out
-
-
-def trust_key(engine: Engine, pem: str) -> tuple[str, bool]:
-    """Add an Ed25519 public key (PEM text) to the trusted keys.
-
-    Returns:
-        (its key id, whether it was new).
-    """
-    key = signing.load_public_key(pem)
-    kid = signing.key_id(key)
-    with Session(engine) as s, s.begin():
-        new = s.get(TrustedKey, kid) is None
-        if new:
-            _insert_ignore(s, TrustedKey.__table__, key_id=kid, pem=signing.public_pem(key))
-    return kid, new
-
-
 def _safe_path(name: str) -> PurePosixPath:
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in name:
@@ -388,9 +426,9 @@ def _check_statement(art: Artifact, statement: dict[str, Any], rows: dict[str, s
     desc = f"{art.model_name} {art.template} {art.arch}"
     if statement.get("predicateType") != signing.PREDICATE_TYPE:
         raise RegistryError(f"{desc}: the signature is not a verified-kernel attestation")
-    subjects = [sub["digest"]["sha256"] for sub in statement["subject"]]
-    if art.manifest_digest not in subjects:
-        raise RegistryError(f"{desc}: the signature is about another manifest, not this one")
+    why = attest.check(statement, art.manifest_digest)
+    if why:
+        raise RegistryError(f"{desc}: {why}")
     pred = statement["predicate"]
     signed = pred.get("artifact", {}) if isinstance(pred, dict) else {}
     key = (signed.get("model_hash"), signed.get("template"), signed.get("arch"))
@@ -409,7 +447,7 @@ def pull(
     *,
     engine: Engine,
     store: BlobStore,
-    trusted: Mapping[str, Any] | None = None,
+    trusted: Mapping[str, Any],
 ) -> Pulled:
     """Fetch a published artifact into `out_dir`, checked end to end before anything appears.
 
@@ -420,7 +458,8 @@ def pull(
         out_dir: the artifact directory to write (replaced if it is one already).
         engine: the registry database.
         store: the blob store holding the artifact's blobs.
-        trusted: public keys by key id to trust besides the `trusted_keys` table.
+        trusted: the public keys, by key id, that this puller trusts: the caller's own, from
+            local files (never from the database, which any of its writers could fill).
 
     Returns:
         What was pulled. If several compiler versions are published, the newest.
@@ -430,7 +469,7 @@ def pull(
             missing or corrupt. `out_dir` is then as it was (not created if it did not exist).
     """
     out = Path(out_dir)
-    keys = {**trusted_keys(engine), **(trusted or {})}
+    keys = dict(trusted)
     with Session(engine) as s:
         found = s.scalars(
             select(Artifact)
@@ -464,7 +503,10 @@ def pull(
         raise RegistryError(f"{desc}: {why}; refusing to pull")
 
     try:
-        manifest = Manifest.from_json(json.loads(store.get_bytes(art.manifest_digest)))
+        raw = store.get_bytes(art.manifest_digest)
+        if hashlib.sha256(raw).hexdigest() != art.manifest_digest:
+            raise RegistryError(f"{desc}: the stored manifest is not the one signed")
+        manifest = Manifest.from_json(json.loads(raw))
     except StoreError as e:
         raise RegistryError(f"{desc}: manifest: {e}") from None
     except (ArtifactError, json.JSONDecodeError, UnicodeDecodeError) as e:

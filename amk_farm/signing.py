@@ -14,6 +14,14 @@ with `.pub` appended. A key's id is the sha256 of its raw 32-byte public key.
 The private key never leaves its file: it is never written to the registry database, the blob
 store, an envelope or a log. Only public keys and key ids are shared.
 
+Trust roots are the user's own files, never database rows: `trusted_keys` is the user's own
+public key, the PEM files in `AMK_HOME/trusted/` (where `trust` puts a key the user chose) and
+any given on the command line. A public key file is one Ed25519 `PUBLIC KEY` PEM block and
+nothing else (`load_public_key`): not a private key, not a path to elsewhere.
+
+The proof cache's secret (`cache_secret`, `AMK_HOME/keys/proof-cache.key`, 32 random bytes,
+mode 0600) lives beside the signing key: whoever can forge a cache entry could take the key too.
+
 Example:
     >>> private = Ed25519PrivateKey.generate()
     >>> env = sign(private, "manifest.json", "ab" * 32, {"proved": 10, "obligations": 10})
@@ -44,6 +52,8 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://amk-farm.dev/verified-kernel/v1"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----")
+MAX_PEM_BYTES = 4096  # an Ed25519 public key PEM is 113 bytes
 
 
 class SignatureError(Exception):
@@ -134,24 +144,39 @@ def load_private_key(path: Path | None = None) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path_or_pem: Path | str | bytes) -> Ed25519PublicKey:
-    """Load an Ed25519 public key from a PEM file (`Path`, or a `str` path) or PEM text.
+def load_public_key(file_or_pem: Path | str | bytes) -> Ed25519PublicKey:
+    """Load an Ed25519 public key from a PEM file (`Path`) or PEM text (`str` or `bytes`).
+
+    The text must be exactly one `PUBLIC KEY` PEM block (surrounding whitespace aside): a
+    private key, several blocks, anything else around the block, or a file naming another file
+    is refused; nothing inside it is ever read as a path.
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        SignatureError: not an Ed25519 public key in PEM.
+        SignatureError: not a single Ed25519 public key in PEM; the message names the file.
     """
     where = "public key"
-    if isinstance(path_or_pem, bytes):
-        pem = path_or_pem
-    elif isinstance(path_or_pem, str) and path_or_pem.lstrip().startswith("-----BEGIN"):
-        pem = path_or_pem.encode()
+    if isinstance(file_or_pem, bytes):
+        pem = file_or_pem
+    elif isinstance(file_or_pem, str):
+        pem = file_or_pem.encode()
     else:
-        where = str(path_or_pem)
+        where = str(file_or_pem)
         try:
-            pem = Path(path_or_pem).read_bytes()
+            if file_or_pem.stat().st_size > MAX_PEM_BYTES:
+                raise SignatureError(
+                    f"{where} is not a PEM public key (over {MAX_PEM_BYTES} bytes)"
+                )
+            pem = file_or_pem.read_bytes()
         except FileNotFoundError:
-            raise FileNotFoundError(f"no public key at {path_or_pem}") from None
+            raise FileNotFoundError(f"no public key at {file_or_pem}") from None
+        except IsADirectoryError:
+            raise SignatureError(f"{where} is a directory, not a PEM public key") from None
+    if b"PRIVATE KEY" in pem:
+        raise SignatureError(f"{where} holds a private key; give its public key (keys show)")
+    m = _PEM.fullmatch(pem.strip())
+    if m is None or m.group(1) != b"PUBLIC KEY" or len(pem) > MAX_PEM_BYTES:
+        raise SignatureError(f"{where} is not a PEM public key (one PUBLIC KEY block, no more)")
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError):
@@ -159,6 +184,69 @@ def load_public_key(path_or_pem: Path | str | bytes) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{where} is not an Ed25519 public key")
     return key
+
+
+def trusted_dir() -> Path:
+    """`AMK_HOME/trusted`: the PEM files of the keys this user trusts."""
+    return config.load().home / "trusted"
+
+
+def trust(pem_file: Path) -> tuple[str, Path, bool]:
+    """Trust the Ed25519 public key in `pem_file`: a copy goes to `trusted_dir()`.
+
+    Returns:
+        (its key id, where it was written, whether it was new).
+
+    Raises:
+        FileNotFoundError, SignatureError: `pem_file` is not one Ed25519 public key in PEM;
+            nothing is written.
+    """
+    key = load_public_key(pem_file)
+    kid = key_id(key)
+    dest = trusted_dir() / f"{kid}.pem"
+    if dest.is_file() and dest.read_bytes() == _public_pem(key):
+        return kid, dest, False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(dest, _public_pem(key), 0o644)
+    return kid, dest, True
+
+
+def trusted_keys(extra: list[Path] | None = None) -> dict[str, Ed25519PublicKey]:
+    """The keys this user trusts, by key id: the own public key (AMK_SIGNING_KEY's `.pub`), the
+    PEM files in `trusted_dir()`, and `extra` (e.g. `pull --key`). Only local files: nothing
+    that a writer of the registry database can add.
+
+    Raises:
+        FileNotFoundError, SignatureError: one of them is not an Ed25519 public key PEM.
+    """
+    own = public_key_path(config.load().signing_key)
+    folder = trusted_dir()
+    paths = [*([own] if own.is_file() else []), *sorted(folder.glob("*.pem")), *(extra or [])]
+    out = {}
+    for path in paths:
+        public = load_public_key(path)
+        out[key_id(public)] = public
+    return out
+
+
+def cache_secret() -> bytes:
+    """The proof cache's MAC secret, `AMK_HOME/keys/proof-cache.key`, made on first use."""
+    path = config.load().home / "keys" / "proof-cache.key"
+    if not path.is_file():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+            os.link(tmp, path)  # never replaces one another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    secret = path.read_bytes()
+    if len(secret) != 32:
+        raise SignatureError(f"{path} is not a proof cache secret (32 bytes)")
+    return secret
 
 
 def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:

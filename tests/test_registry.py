@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from amk_farm import catalog, db, registry, signing
+from amk_farm import attest, catalog, db, registry, signing
 from amk_farm.cli import app
 from amk_farm.store import BlobStore, open_store
 from compiler.artifact import read_manifest, sha256_file
@@ -31,6 +31,7 @@ from compiler.pipeline import compile_model
 from compiler.schedule.schedule import Options
 from compiler.spec import ShapeTemplate
 from tests.blobs import corrupt_blob, delete_blob
+from verifier.cache import ProofCache
 from verifier.verify import verify
 
 runner = CliRunner()
@@ -38,15 +39,35 @@ BUCKET = "amk-registry-test"
 TEMPLATE, ARCH = "b2-s64", "sm_90a"
 
 
+SECRET = b"s" * 32  # the proof cache secret of every publisher home here
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-llama b2-s64, compiled and verified (proof/ written) once for the module."""
+    return verified_artifact(tmp_path_factory)
+
+
+def verified_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-llama b2-s64, compiled and verified (proof/ written); its proofs are in
+    `seed_cache(artifact)`, MACed with SECRET, for publishers to start from (`warm`)."""
     out = tmp_path_factory.mktemp("registry") / "tiny"
     spec, shape = catalog.resolve("tiny-llama"), ShapeTemplate.parse(TEMPLATE)
     compile_model(spec, shape, ARCH, out, Options.for_target(ARCH, shape.batch))
-    report = verify(out, jobs=2, cache=out.parent / "proofs")
+    report = verify(out, jobs=2, cache=seed_cache(out))
     assert report.ok, report.failures()
     return out
+
+
+def seed_cache(artifact: Path) -> ProofCache:
+    return ProofCache(artifact.parent / "proofs", SECRET)
+
+
+def warm(home: Path, artifact: Path) -> None:
+    """Give `home` the artifact's proof cache (and its secret), as if it had verified it."""
+    (home / "keys").mkdir(parents=True, exist_ok=True)
+    (home / "keys" / "proof-cache.key").write_bytes(SECRET)
+    shutil.copytree(seed_cache(artifact).directory, home / "proofs", dirs_exist_ok=True)
 
 
 @dataclass
@@ -105,6 +126,7 @@ def _registry(
     )
     r.home(r.publisher)
     ok(runner.invoke(app, ["keys", "init"]))
+    warm(r.publisher, request.getfixturevalue("artifact"))
     pub = r.publisher / "keys" / "signing.key.pub"
     r.puller.mkdir()
     shutil.copy(pub, r.puller / "trusted.pub")
@@ -217,6 +239,7 @@ def test_eight_concurrent_publishers_make_one_artifact(reg: Registry, artifact: 
     """Eight threads, each with its own engine and store client, publish one key at once."""
     reg.home(reg.publisher)
     key = signing.load_private_key()
+    verdict = attest.derive(artifact, seed_cache(artifact))  # derived once, signed by each
     barrier = threading.Barrier(8)
     results: list[Any] = []
     errors: list[BaseException] = []
@@ -225,7 +248,11 @@ def test_eight_concurrent_publishers_make_one_artifact(reg: Registry, artifact: 
         try:
             engine, store = db.engine(reg.db_url), open_store(reg.store_url)
             barrier.wait()
-            results.append(registry.publish(artifact, engine=engine, store=store, private_key=key))
+            results.append(
+                registry.publish(
+                    artifact, engine=engine, store=store, private_key=key, verdict=verdict
+                )
+            )
             engine.dispose()
         except BaseException as e:
             errors.append(e)
@@ -271,14 +298,14 @@ def test_existing_directory_is_untouched_when_a_pull_fails(
 
 def test_unknown_signing_key_is_refused(reg_db: Registry, artifact: Path, tmp_path: Path):
     publish(reg_db, artifact)
-    reg_db.home(tmp_path / "other")  # another key, trusted instead of the publisher's
+    reg_db.home(tmp_path / "other")  # another key, trusted by the puller instead of the publisher's
     ok(runner.invoke(app, ["keys", "init"]))
+    reg_db.home(reg_db.puller)
     ok(runner.invoke(app, ["keys", "trust", str(tmp_path / "other/keys/signing.key.pub")]))
     out = tmp_path / "tiny"
     refused(pull(reg_db, out, trust=False), "signed by unknown key")
     assert_nothing_written(out)
-    reg_db.home(reg_db.puller)  # no trusted key at all is refused too, with its own message
-    reg_db.sql("DELETE FROM trusted_keys")
+    shutil.rmtree(reg_db.puller / "trusted")  # no trusted key at all: its own message
     refused(pull(reg_db, out, trust=False), "no trusted keys")
     assert_nothing_written(out)
     # a key given on the command line is trusted for that pull

@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from amk_farm import catalog
 from amk_farm.cli import app
+from compiler.artifact import sha256_file
 from compiler.pipeline import compile_model
 from compiler.schedule.schedule import Options
 from compiler.spec import ShapeTemplate
-from verifier import mutate
+from verifier import identity, mutate
 from verifier.obligation import Obligation
 from verifier.verify import KERNEL_COPY, PARTS, Report, merge, obligations_of, verify
 
@@ -62,6 +63,9 @@ def test_fresh_tiny_artifact_proves_and_writes_certificates(fresh, tmp_path):
     assert cert["result"]["rlimit_used"] > 0
     summary = json.loads((proof / "summary.json").read_text())
     assert summary["verified"] is True and summary["proved"] == summary["obligations"]
+    # the summary names what it judged: the manifest (so every file) and the verifier
+    assert summary["manifest_sha256"] == sha256_file(fresh / "manifest.json")
+    assert summary["verifier"] == identity() and summary["verifier"]["version"]
     again = verify(fresh, cache=tmp_path / "cache")  # identical obligations: all from the cache
     assert again.ok and all(cached for _, _, cached in again.results)
 

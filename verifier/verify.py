@@ -23,17 +23,19 @@
    fusion rules on a small model of the family, after their axioms are checked numerically
    (a, `verifier.rules`).
 4. Each obligation is looked up in the proof cache by its structural key, else proved
-   (`verifier.solve.run`, `jobs` processes); proved results are cached, failures never.
+   (`verifier.solve.run`, `jobs` processes); proved results are cached, failures never. The
+   cache checks every entry against the query's digest and this verifier's code before it
+   believes it (`verifier.cache`).
 5. Certificates: `proof/` in the artifact directory, written whole or not at all: one JSON per
    distinct obligation (query text, result, solver version, rlimit used, time; identical layers
-   share one) and `summary.json`.
+   share one) and `summary.json`, which names the sha256 of the manifest it judged (and so,
+   through the manifest, every file) and the verifier (`verifier.identity`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -45,7 +47,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
-from compiler.artifact import ArtifactError, check_files, read_manifest
+from compiler.artifact import MANIFEST, ArtifactError, check_files, read_manifest, sha256_file
 from compiler.ir.fused import FusedGraph
 from compiler.ir.graph import Graph, IRError
 from compiler.schedule.schedule import Schedule
@@ -55,6 +57,7 @@ from verifier import (
     attention,
     batch_invariance,
     happens_before,
+    identity,
     index_maps,
     kv_invariant,
     provenance,
@@ -62,6 +65,7 @@ from verifier import (
     rules,
 )
 from verifier.batch_invariance import ExprError
+from verifier.cache import ProofCache
 from verifier.determinism import float_atomics
 from verifier.fused_terms import rope_table
 from verifier.kernel_table import TableError, read_table, same_tasks
@@ -77,6 +81,7 @@ class Report:
     results: list[tuple[Obligation, Result, bool]] = field(default_factory=list)  # cached?
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (check, why not run here)
     seconds: float = 0.0
+    manifest_sha256: str = ""  # of the manifest.json judged ("" if unreadable)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +97,14 @@ class Report:
         ]
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.artifact, self.checks, self.skipped, self._rows(), self.seconds)
+        return summarize(
+            self.artifact,
+            self.checks,
+            self.skipped,
+            self._rows(),
+            self.seconds,
+            self.manifest_sha256,
+        )
 
 
 Row = tuple[str, int, str, bool, str, str]  # class, layer, status, cached?, name, reason
@@ -114,8 +126,10 @@ def summarize(
     skipped: list[tuple[str, str]],
     rows: list[Row],
     seconds: float,
+    manifest_sha256: str,
 ) -> dict[str, Any]:
-    """proof/summary.json: the verdict, counts per class and layer, failures, skipped checks.
+    """proof/summary.json: the verdict about the manifest whose sha256 is `manifest_sha256`,
+    counts per class and layer, failures, skipped checks, and the verifier that made it.
     `rows` has one (class, layer, status, cached?, name, reason) per obligation."""
     per: dict[str, Counter[str]] = defaultdict(Counter)
     for cls, layer, status, cached, _, _ in rows:
@@ -125,7 +139,9 @@ def summarize(
     failures = _failures(checks, rows)
     return {
         "artifact": artifact,
-        "verified": not failures,
+        "manifest_sha256": manifest_sha256,
+        "verifier": identity(),
+        "verified": not failures and bool(manifest_sha256),
         "obligations": len(rows),
         "proved": sum(status == "proved" for _, _, status, _, _, _ in rows),
         "cached": sum(cached for _, _, _, cached, _, _ in rows),
@@ -365,26 +381,6 @@ def _kernel_obligations(
     return own + [replace(ob, subject=f"{KERNEL_COPY}{ob.subject}") for ob in obs]
 
 
-def _cached(cache: Path | None, ob: Obligation) -> Result | None:
-    if cache is None:
-        return None
-    path = cache / f"{ob.key}.json"
-    try:
-        return Result.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _store(cache: Path | None, ob: Obligation, result: Result) -> None:
-    if cache is None or not result.proved:
-        return
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result.to_json(), f)
-    os.replace(tmp, cache / f"{ob.key}.json")
-
-
 def _write_proof(directory: Path, report: Report) -> None:
     """proof/ in the artifact directory, replaced whole (a reader never sees a partial one)."""
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".proof."))
@@ -418,18 +414,22 @@ def _write_proof(directory: Path, report: Report) -> None:
 def verify(
     directory: Path,
     jobs: int = 1,
-    cache: Path | None = None,
+    cache: Path | ProofCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     write_proof: bool = True,
 ) -> Report:
-    """Verify the artifact in `directory` (see the module docstring)."""
+    """Verify the artifact in `directory` (see the module docstring). `cache`: a ProofCache,
+    or a directory for one without a secret."""
     t0 = time.perf_counter()
     report = Report(str(directory))
+    if isinstance(cache, Path):
+        cache = ProofCache(cache)
+    report.manifest_sha256 = _digest(directory / MANIFEST)
     obs = obligations_of(directory, report)
     todo: dict[str, Obligation] = {}
     known: dict[str, tuple[Result, bool]] = {}
     for ob in obs:
-        hit = _cached(cache, ob)
+        hit = cache.get(ob) if cache is not None else None
         if hit is not None:
             known[ob.key] = (hit, True)
         else:
@@ -443,7 +443,8 @@ def verify(
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for ob, result in zip(pending, pool.map(run, pending, chunksize=4), strict=True):
                 known[ob.key] = (result, False)
-                _store(cache, ob, result)
+                if cache is not None:
+                    cache.put(ob, result)
                 done += 1
                 if progress:
                     progress(done, total)
@@ -451,12 +452,15 @@ def verify(
         for ob in pending:
             result = run(ob)
             known[ob.key] = (result, False)
-            _store(cache, ob, result)
+            if cache is not None:
+                cache.put(ob, result)
             done += 1
             if progress:
                 progress(done, total)
     report.results = [(ob, *known[ob.key]) for ob in obs]
     report.seconds = time.perf_counter() - t0
+    if report.manifest_sha256 and _digest(directory / MANIFEST) != report.manifest_sha256:
+        report.checks.append(("manifest.json unchanged while verifying", False, "it changed"))
     if (
         write_proof
         and report.checks
@@ -464,3 +468,11 @@ def verify(
     ):
         _write_proof(directory, report)
     return report
+
+
+def _digest(path: Path) -> str:
+    """The file's sha256, or "" if it cannot be read."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""

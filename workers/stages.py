@@ -133,7 +133,9 @@ def obligations(
     """Read the stored artifact as the verifier reads a directory and make one part of its
     obligations (`verifier.verify.obligations_of`), each stored as JSON (identical ones once).
     Returns the part's index: per obligation its key, class, check, layer, subject, digest and
-    size; and the checks it made (part "maps": the integrity checks)."""
+    size; the checks it made (part "maps": the integrity checks); and the verifier that made
+    them (`verifier.identity`)."""
+    from verifier import identity
     from verifier.verify import Report, obligations_of
 
     store = _store(store_url)
@@ -162,6 +164,7 @@ def obligations(
         "obligations": index,
         "checks": [{"check": n, "ok": ok, "why": why} for n, ok, why in report.checks],
         "skipped": [{"check": n, "why": why} for n, why in report.skipped],
+        "verifier": identity(),
         "seconds": time.perf_counter() - t0,
         "node": node(),
     }
