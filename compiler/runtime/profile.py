@@ -28,7 +28,7 @@ from compiler.codegen.kernel import render_kernel
 from compiler.codegen.nvcc import compile_cubin
 from compiler.ir.fused import FusedGraph
 from compiler.runtime.bench import copy_bandwidth, time_calls, versions
-from compiler.runtime.launch import CudaLauncher
+from compiler.runtime.launch import CudaLauncher, RuntimeUnavailable
 from compiler.runtime.session import Session
 from compiler.runtime.timeline import Timeline, analyse
 from compiler.schedule.schedule import Schedule
@@ -79,6 +79,9 @@ def run(
     sessions share them and start from the same random KV cache of `kv_len` positions.
     """
     synthetic = None if weights is not None else seed
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailable("no CUDA device is visible to PyTorch (the kernel needs a GPU)")
+    bw = copy_bandwidth(torch.device("cuda", 0))  # first: its 4 GiB are free before a 70B loads
     plain = Session(artifact, weights=weights, synthetic_seed=synthetic, synthetic_on="device")
     if not 1 <= kv_len < plain.max_seq:
         raise ValueError(f"--kv {kv_len} must be in [1, {plain.max_seq - 1}] for this template")
@@ -100,7 +103,6 @@ def run(
         prof.launch(1, kv_len)
         prof.launcher.synchronize()
         tls.append(Timeline.from_stamps(words.cpu().numpy().view(np.uint64), prof.schedule))
-    bw = copy_bandwidth(prof.device)
     analysis = analyse(tls, prof.fused, prof.schedule, kv_len, bw)
     meta = {
         "artifact": str(artifact),
