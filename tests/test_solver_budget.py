@@ -98,6 +98,20 @@ def test_a_solver_that_ignores_its_timeout_is_killed_at_its_deadline(report):
     assert "Z3 ignored its timeout and was killed" in result.reason
 
 
+def test_a_solver_that_dies_fails_its_query_and_the_next_gets_a_fresh_one(report):
+    import threading
+
+    ob = stuck_query(report[0])
+    fine = next(o for o, r, _ in report[0].results if r.proved)
+    with Solvers(1, lambda _: 30.0) as pool:
+        threading.Timer(1.0, lambda: os.kill(pool._busy[0].proc.pid, signal.SIGKILL)).start()
+        got = list(pool.map([ob, fine]))
+    assert [o.key for o, _ in got] == [ob.key, fine.key]
+    died = judge(ob, got[0][1], 30.0)
+    assert died.status == "unknown" and "the solver process died (exit code -9)" in died.reason
+    assert judge(fine, got[1][1], 30.0).proved
+
+
 def test_proofs_spend_the_same_rlimit_under_any_wall_clock(report):
     """The rlimit decides proofs: the wall clock changes no proved query's work."""
     proved = [(ob, r) for ob, r, _ in report[0].results if r.proved][:30]

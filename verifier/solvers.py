@@ -137,10 +137,13 @@ class Solvers:
                 else:
                     continue
                 self._busy.remove(child)
-                if answer is None:
-                    code = child.proc.wait()
+                if answer is None:  # EOF, or a line that is no answer (then it is killed)
+                    try:
+                        why = f"exit code {child.proc.wait(timeout=1.0)}"
+                    except subprocess.TimeoutExpired:
+                        why = "it wrote something that is not an answer"
                     child.kill()
-                    answer = {"answer": "died", "why": f"exit code {code}"}
+                    answer = {"answer": "died", "why": why}
                 elif answer["answer"] != "killed":
                     self._idle.append(child)
                 answer.setdefault("seconds", now - child.started)
