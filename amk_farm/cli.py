@@ -6,12 +6,14 @@ nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -76,6 +78,34 @@ def _user_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return run  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(what: str, after: str = "") -> Iterator[None]:
+    """SIGINT and SIGTERM become one `error:` line and exit code 128 + the signal, raised as an
+    exception where the main thread is, so `finally` blocks and `with` exits (which kill
+    solver processes and remove temporary files) run first. A second signal is ignored while
+    they do."""
+    caught = (signal.SIGINT, signal.SIGTERM)
+
+    class Stop(BaseException):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        for s in caught:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stop(signum)
+
+    before = {s: signal.signal(s, stop) for s in caught}
+    try:
+        yield
+    except Stop as e:
+        name = signal.Signals(e.args[0]).name
+        print(f"error: {what}: stopped by {name}{after}", file=sys.stderr)
+        raise typer.Exit(128 + e.args[0]) from None
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _count(n: int) -> str:
@@ -536,20 +566,39 @@ def bench(
 def verify(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory (from amk-farm compile).")],
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", help="Solver processes (default: every core).")
-    ] = 0,
+        int | None,
+        typer.Option(
+            "--jobs", "-j", help="Solver processes, 1 to 4 per core (default: 1 per core)."
+        ),
+    ] = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Prove everything again (AMK_HOME/proofs unused).")
     ] = False,
+    query_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--query-seconds",
+            help="Wall-clock budget of each query (default: 30 s plus its rlimit at 250k/s).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Prove ARTIFACT equivalent to its model graph: exit 0 only if every obligation is proved.
 
     Certificates go into ARTIFACT/proof/; proved obligations are cached in AMK_HOME/proofs by
-    structural key, so identical layers and unchanged artifacts are proved once."""
+    structural key, so identical layers and unchanged artifacts are proved once. Each query
+    runs under its rlimit and a wall clock (unknown is failure); SIGINT or SIGTERM stops the
+    solvers and exits with one line, leaving proof/ as it was."""
     from compiler.artifact import ArtifactError
     from verifier.verify import verify as run_verify
 
+    cores = os.cpu_count() or 1
+    jobs = cores if jobs is None else jobs
+    if jobs < 1 or jobs > 4 * cores:
+        bound = ">= 1" if jobs < 1 else f"<= {4 * cores} (4 per core)"
+        raise ValueError(f"--jobs must be {bound}, not {jobs}")
+    if query_seconds is not None and not 0 < query_seconds <= 86400:
+        raise ValueError(f"--query-seconds must be > 0 and <= 86400, not {query_seconds}")
     if not (artifact / "manifest.json").is_file():
         raise ArtifactError(f"{artifact} is not an artifact directory (no manifest.json)")
     cache = None if no_cache else _proof_cache()
@@ -557,7 +606,10 @@ def verify(
     def progress(done: int, total: int) -> None:
         _progress(f"verify {artifact}: {done}/{total} distinct obligations proved or failed")
 
-    report = run_verify(artifact, jobs=jobs or os.cpu_count() or 1, cache=cache, progress=progress)
+    with _stopped_by_signals(f"verify {artifact}", "; proof/ left as it was"):
+        report = run_verify(
+            artifact, jobs=jobs, cache=cache, progress=progress, seconds=query_seconds
+        )
     _progress("")
     unreadable = [why for name, ok, why in report.checks if name.startswith("artifact") and not ok]
     if unreadable:  # nothing could be judged: a user error, not a verdict

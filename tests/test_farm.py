@@ -202,15 +202,43 @@ def test_a_proof_worker_killed_mid_task_is_retried_and_each_result_recorded_once
     )
     try:
         victim = _until(lambda: _processes("ray::prove"), 300, "a proof task to run")[0]
+        solvers = _until(lambda: _solvers_of(victim), 60, "the task's solver process")
         os.kill(victim, signal.SIGKILL)
         out, errs = sub.communicate(timeout=600)
     finally:
         sub.kill()
+    assert not [p for p in solvers if _alive(p)], "a solver outlived its proof worker"
     assert sub.returncode == 0, errs[-3000:]
     assert "worker died or was killed while executing a task" in errs  # Ray's word for it
     (snap,) = json.loads(out)["jobs"]
     _assert_complete(snap)
     _assert_one_proof_per_key(env, snap["job"])
+
+
+def _solvers_of(pid: int) -> list[int]:
+    """The solver processes (`verifier.solvers`) among `pid`'s children."""
+    kids = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(k) for k in f.read_text().split()]
+        except OSError:  # the thread or the process is gone
+            continue
+    return [k for k in kids if b"verifier.solvers" in _cmdline(k)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a dead child its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _assert_one_proof_per_key(env: dict[str, str], job: int) -> None:

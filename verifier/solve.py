@@ -1,14 +1,22 @@
-"""Run one obligation with Z3 and make a certificate of it.
+"""Run obligations with Z3 and judge the answers.
 
 Two queries in a fresh context each: the assumptions alone (must be sat: otherwise anything
 would follow, and the obligation fails as vacuous), then assumptions and goal (unsat: proved;
-sat: a counterexample, replayed concretely before it is believed; unknown or over the rlimit:
-failed). The budget is Z3's deterministic `rlimit`, not a clock.
+sat: a counterexample, replayed concretely before it is believed; unknown: failed).
+
+Two budgets bound an obligation (`verifier.solvers` runs it in a child process): Z3's
+deterministic `rlimit` (`Obligation.rlimit`), which decides every proof, and a wall clock,
+`wall_seconds(ob)` unless given, a safety net for what the rlimit does not count (nonlinear
+arithmetic stuck in factorization). The wall clock is set so that the rlimit ends a query
+first at any rate seen here: WALL plus the time to spend the whole rlimit at RATE units per
+second, a quarter of the slowest rate measured on nonlinear (f) queries (~1 M/s). A failed
+query's `limit` says which budget ended it: "rlimit", "wall clock" (Z3 stopped at its
+timeout) or "wall clock, killed" (it did not; the child was killed `GRACE` seconds later).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,8 +24,16 @@ import z3
 
 from verifier.obligation import Obligation
 from verifier.replay import replay
+from verifier.solvers import GRACE, Solvers
 
 Z3_VERSION = z3.get_full_version()
+WALL = 30.0  # seconds every obligation gets on the wall clock...
+RATE = 250_000  # ... plus its rlimit at this many units per second (20 M units: 80 s more)
+
+
+def wall_seconds(ob: Obligation) -> float:
+    """The wall-clock budget of `ob` (see the module docstring)."""
+    return WALL + ob.rlimit / RATE
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,7 @@ class Result:
     rlimit_used: int = 0
     seconds: float = 0.0
     z3_version: str = Z3_VERSION
+    limit: str = ""  # the budget that ended an unknown query: rlimit | wall clock[, killed]
 
     @property
     def proved(self) -> bool:
@@ -41,52 +58,54 @@ class Result:
         return cls(**d)
 
 
-def _check(text: str, rlimit: int) -> tuple[z3.CheckSatResult, z3.ModelRef | None, int, str]:
-    ctx = z3.Context()
-    s = z3.Solver(ctx=ctx)
-    s.set("rlimit", rlimit)
-    s.add(z3.parse_smt2_string(text, ctx=ctx))
-    answer = s.check()
-    used = int(s.statistics().get_key_value("rlimit count"))
-    model = s.model() if answer == z3.sat else None
-    return answer, model, used, s.reason_unknown() if answer == z3.unknown else ""
+def _unknown(where: str, answer: dict[str, Any], ob: Obligation, budget: float) -> Result:
+    why, used, seconds = answer.get("why", ""), answer.get("used", 0), answer["seconds"]
+    if answer["answer"] == "killed":
+        limit = "wall clock, killed"
+        why = f"wall-clock budget of {budget:.0f}s spent; Z3 ignored its timeout and was killed"
+    elif answer["answer"] == "died":
+        limit, why = "", f"the solver process died ({why})"
+    elif "resource limit" in why:
+        limit, why = "rlimit", f"rlimit of {ob.rlimit} units spent"
+    elif why in ("timeout", "canceled"):
+        limit, why = "wall clock", f"wall-clock budget of {budget:.0f}s spent ({why})"
+    else:
+        limit = ""
+    return Result("unknown", f"{where}: {why}", rlimit_used=used, seconds=seconds, limit=limit)
 
 
-def _values(model: z3.ModelRef) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for d in model.decls():
-        v = model[d]
-        if z3.is_int_value(v):
-            out[d.name()] = v.as_long()
-        elif z3.is_rational_value(v):
-            out[d.name()] = float(v.as_fraction())
-        elif z3.is_algebraic_value(v):
-            out[d.name()] = float(v.approx(20).as_fraction())
-        elif z3.is_true(v) or z3.is_false(v):
-            out[d.name()] = z3.is_true(v)
-        else:
-            out[d.name()] = str(v)
-    return out
-
-
-def run(ob: Obligation) -> Result:
-    """Prove `ob` (see the module docstring)."""
-    t0 = time.perf_counter()
-    answer, _, used, why = _check(ob.assumptions, ob.rlimit)
-    if answer != z3.sat:
-        reason = "assumptions unsatisfiable" if answer == z3.unsat else f"assumptions: {why}"
-        status = "vacuous" if answer == z3.unsat else "unknown"
-        return Result(status, reason, rlimit_used=used, seconds=time.perf_counter() - t0)
-    answer, model, used2, why = _check(ob.assumptions + ob.goal, ob.rlimit)
-    used += used2
-    seconds = time.perf_counter() - t0
-    if answer == z3.unsat:
+def judge(ob: Obligation, answer: dict[str, Any], budget: float) -> Result:
+    """The result of `ob` from a solver child's `answer` (`verifier.solvers`)."""
+    kind, used, seconds = answer["answer"], answer.get("used", 0), answer["seconds"]
+    if kind == "vacuous":
+        return Result("vacuous", "assumptions unsatisfiable", rlimit_used=used, seconds=seconds)
+    if kind == "unsat":
         return Result("proved", "", rlimit_used=used, seconds=seconds)
-    if answer == z3.unknown:
-        return Result("unknown", f"solver gave up: {why}", rlimit_used=used, seconds=seconds)
-    assert model is not None
-    values = _values(model)
+    if kind != "sat":
+        where = "assumptions" if answer.get("on") == "assumptions" else "solver gave up"
+        return _unknown(where, answer, ob, budget)
+    values = answer["values"]
     confirmed, reason = replay(ob, values)
     if not confirmed:  # the encoding and the facts disagree: a verifier bug, never a proof
         reason = f"counterexample not confirmed by the replay: {reason}"
     return Result("failed", reason, values, used, seconds)
+
+
+def prove_all(
+    obs: Iterable[Obligation], jobs: int = 1, seconds: float | None = None, grace: float = GRACE
+) -> Iterator[tuple[Obligation, Result]]:
+    """(obligation, result) of each of `obs` as they finish, on `jobs` solver processes, each
+    obligation within `seconds` on the wall clock (None: `wall_seconds`)."""
+
+    def budget(ob: Obligation) -> float:
+        return wall_seconds(ob) if seconds is None else seconds
+
+    with Solvers(jobs, budget, grace) as pool:
+        for ob, answer in pool.map(obs):
+            yield ob, judge(ob, answer, budget(ob))
+
+
+def run(ob: Obligation, seconds: float | None = None) -> Result:
+    """Prove `ob` (see the module docstring) in a solver process of its own."""
+    ((_, result),) = prove_all([ob], 1, seconds)  # the pool closes with the generator
+    return result

@@ -23,9 +23,10 @@
    fusion rules on a small model of the family, after their axioms are checked numerically
    (a, `verifier.rules`).
 4. Each obligation is looked up in the proof cache by its structural key, else proved
-   (`verifier.solve.run`, `jobs` processes); proved results are cached, failures never. The
-   cache checks every entry against the query's digest and this verifier's code before it
-   believes it (`verifier.cache`).
+   (`verifier.solve.prove_all`: `jobs` solver processes, each query under its rlimit and a
+   wall clock, a stuck one killed); proved results are cached, failures never. The cache checks
+   every entry against the query's digest and this verifier's code before it believes it
+   (`verifier.cache`).
 5. Certificates: `proof/` in the artifact directory, written whole or not at all: one JSON per
    distinct obligation (query text, result, solver version, rlimit used, time; identical layers
    share one) and `summary.json`, which names the sha256 of the manifest it judged (and so,
@@ -41,7 +42,6 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
@@ -71,7 +71,7 @@ from verifier.fused_terms import rope_table
 from verifier.kernel_table import TableError, read_table, same_tasks
 from verifier.model import Geometry, ParamError, Touch, touches
 from verifier.obligation import Obligation
-from verifier.solve import Result, run
+from verifier.solve import Result, prove_all
 
 
 @dataclass
@@ -302,6 +302,8 @@ def _algebra(directory: Path, g: Geometry, report: Report) -> list[Obligation]:
         report.checks.append((f"({cls}) {why.split(':')[0]}", False, why))
     for axiom, why in rules.axioms():
         report.checks.append((f"(a) axiom {axiom}", not why, why))
+    for axiom, why in attention.axioms():
+        report.checks.append((f"(e) axiom {axiom}", not why, why))
     lemmas, missed = rules.obligations(g.spec, {i.kind.value for i in fused.instrs})
     for why in missed:
         report.checks.append(("(a) rule lemmas", False, why))
@@ -402,7 +404,13 @@ def _write_proof(directory: Path, report: Report) -> None:
         if old.exists():
             trash = Path(tempfile.mkdtemp(dir=directory, prefix=".old-proof."))
             old.rename(trash / "proof")
-            tmp.rename(old)
+            try:
+                tmp.rename(old)
+            except BaseException:  # interrupted: the old proof/ goes back
+                if not old.exists():
+                    (trash / "proof").rename(old)
+                    trash.rmdir()
+                raise
             shutil.rmtree(trash)
         else:
             tmp.rename(old)
@@ -417,9 +425,11 @@ def verify(
     cache: Path | ProofCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     write_proof: bool = True,
+    seconds: float | None = None,
 ) -> Report:
     """Verify the artifact in `directory` (see the module docstring). `cache`: a ProofCache,
-    or a directory for one without a secret."""
+    or a directory for one without a secret; each query within `seconds` on the wall clock
+    (None: `verifier.solve.wall_seconds`)."""
     t0 = time.perf_counter()
     report = Report(str(directory))
     if isinstance(cache, Path):
@@ -438,25 +448,13 @@ def verify(
     done = total - len(todo)
     if progress:
         progress(done, total)
-    pending = list(todo.values())
-    if jobs > 1 and len(pending) > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for ob, result in zip(pending, pool.map(run, pending, chunksize=4), strict=True):
-                known[ob.key] = (result, False)
-                if cache is not None:
-                    cache.put(ob, result)
-                done += 1
-                if progress:
-                    progress(done, total)
-    else:
-        for ob in pending:
-            result = run(ob)
-            known[ob.key] = (result, False)
-            if cache is not None:
-                cache.put(ob, result)
-            done += 1
-            if progress:
-                progress(done, total)
+    for ob, result in prove_all(todo.values(), jobs, seconds):
+        known[ob.key] = (result, False)
+        if cache is not None:
+            cache.put(ob, result)
+        done += 1
+        if progress:
+            progress(done, total)
     report.results = [(ob, *known[ob.key]) for ob in obs]
     report.seconds = time.perf_counter() - t0
     if report.manifest_sha256 and _digest(directory / MANIFEST) != report.manifest_sha256:

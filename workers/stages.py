@@ -172,22 +172,28 @@ def obligations(
 
 def prove(store_url: str, batch: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Prove each (key, obligation digest) of `batch`; each certificate (the obligation, its
-    key and result) goes into the store. Returns, per obligation: key, result, certificate."""
+    key and result) goes into the store. Returns, per obligation: key, result, certificate.
+    The queries run in one solver process (`verifier.solve.prove_all`: rlimit and wall clock),
+    which dies with this worker."""
     from verifier.obligation import Obligation
-    from verifier.solve import run
+    from verifier.solve import prove_all
 
     store = _store(store_url)
     where = node()
-    out = []
+    obs = []
     for key, digest in batch:
         ob = Obligation.from_json(json.loads(store.get_bytes(digest)))
         if ob.key != key:
             raise ValueError(f"obligation blob {digest[:12]} is not obligation {key[:12]}")
-        result = run(ob)
-        cert = {"obligation": ob.to_json(), "key": key, "result": result.to_json()}
+        obs.append(ob)
+    results = {ob.key: result for ob, result in prove_all(obs)}
+    out = []
+    for ob in obs:
+        result = results[ob.key]
+        cert = {"obligation": ob.to_json(), "key": ob.key, "result": result.to_json()}
         out.append(
             {
-                "key": key,
+                "key": ob.key,
                 "result": result.to_json(),
                 "certificate": _put_json(store, cert),
                 "node": where,
