@@ -43,6 +43,8 @@ from compiler.artifact import (
     ArtifactError,
     Manifest,
     check_files,
+    check_output,
+    install,
     read_manifest,
     sha256_file,
 )
@@ -410,6 +412,7 @@ def pull(
     engine: Engine,
     store: BlobStore,
     trusted: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> Pulled:
     """Fetch a published artifact into `out_dir`, checked end to end before anything appears.
 
@@ -417,10 +420,12 @@ def pull(
         model: a model name, alias or model hash.
         template: the shape template (`b1-s4096`).
         arch: the CUDA arch (`sm_90a`).
-        out_dir: the artifact directory to write (replaced if it is one already).
+        out_dir: the artifact directory to write: absent or empty, or with `force` a directory
+            whose files of the artifact's are replaced and whose other files are kept.
         engine: the registry database.
         store: the blob store holding the artifact's blobs.
         trusted: public keys by key id to trust besides the `trusted_keys` table.
+        force: write into a non-empty `out_dir` (compiler/artifact.py `install`).
 
     Returns:
         What was pulled. If several compiler versions are published, the newest.
@@ -430,6 +435,7 @@ def pull(
             missing or corrupt. `out_dir` is then as it was (not created if it did not exist).
     """
     out = Path(out_dir)
+    check_output(out, force)  # before anything is fetched
     keys = {**trusted_keys(engine), **(trusted or {})}
     with Session(engine) as s:
         found = s.scalars(
@@ -490,7 +496,7 @@ def pull(
             check_files(tmp, manifest)
         except ArtifactError as e:
             raise RegistryError(f"{desc}: {e}") from None
-        _install(tmp, out)
+        install(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -502,17 +508,3 @@ def pull(
         signer,
         sorted(rows),
     )
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the checked directory into place, replacing an artifact directory there."""
-    tmp.chmod(0o755)
-    if not out.exists():
-        tmp.rename(out)
-        return
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise RegistryError(f"{out} exists and is not an artifact directory; not replacing it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    out.rename(old / out.name)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
