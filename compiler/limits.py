@@ -52,6 +52,16 @@ LIMITS: dict[str, int] = {
     "embed_cols": 1 << 16,
     "mma_rows": 1024,  # codegen takes 16, 32 or 64; this bounds only the work
 }
+# real-valued fields: the largest accepted value (each is also positive and finite). An eps
+# above 1 or a RoPE base above 1e12 is no model's; 1e-30 keeps the eps a normal float32.
+FLOAT_LIMITS: dict[str, float] = {
+    "rms_norm_eps": 1.0,
+    "rope_theta": 1e12,
+    "factor": 1e6,
+    "low_freq_factor": 1e6,
+    "high_freq_factor": 1e6,
+}
+MIN_RMS_NORM_EPS = 1e-30
 HF_NAMES = {
     "num_layers": "num_hidden_layers",
     "num_heads": "num_attention_heads",

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compiler.limits import HF_NAMES, LIMITS, MAX_DIGITS, show, show_digits
+from compiler.limits import (
+    FLOAT_LIMITS,
+    HF_NAMES,
+    LIMITS,
+    MAX_DIGITS,
+    MIN_RMS_NORM_EPS,
+    show,
+    show_digits,
+)
 
 
 class SpecError(ValueError):
@@ -157,6 +165,17 @@ class ModelSpec:
             )
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise SpecError(f"{self.name}: rope_theta must be positive, got {self.rope_theta!r}")
+        for f in ("rms_norm_eps", "rope_theta"):
+            if getattr(self, f) > FLOAT_LIMITS[f]:
+                raise SpecError(
+                    f"{self.name}: {f} {show(getattr(self, f))} exceeds the limit "
+                    f"{FLOAT_LIMITS[f]:g}"
+                )
+        if self.rms_norm_eps < MIN_RMS_NORM_EPS:
+            raise SpecError(
+                f"{self.name}: rms_norm_eps {self.rms_norm_eps!r} is below the limit "
+                f"{MIN_RMS_NORM_EPS:g} (it would be 0 in float32)"
+            )
         if self.sliding_window is not None and (
             not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
         ):
@@ -226,6 +245,10 @@ def _number(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise SpecError(f"{where}: {key} must be a number, got {show(v)}")
+    if isinstance(v, int) and abs(v) > FLOAT_LIMITS.get(key, 1e300):  # float(v) would overflow
+        raise SpecError(
+            f"{where}: {key} {show(v)} exceeds the limit {FLOAT_LIMITS.get(key, 1e300):g}"
+        )
     return float(v)
 
 
@@ -266,6 +289,9 @@ def _rope(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
             block, "original_max_position_embeddings", f"{where}: rope_scaling"
         ),
     )
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if math.isfinite(getattr(rs, key)) and getattr(rs, key) > FLOAT_LIMITS[key]:
+            raise SpecError(f"{where}: rope_scaling {key} exceeds the limit {FLOAT_LIMITS[key]:g}")
     finite = all(math.isfinite(x) for x in (rs.factor, rs.low_freq_factor, rs.high_freq_factor))
     if not (finite and rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor > 0):
         raise SpecError(f"{where}: llama3 rope scaling factors are inconsistent: {block!r}")

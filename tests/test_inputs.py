@@ -137,6 +137,9 @@ def config_file(tmp_path: Path, **changes: object) -> Path:
         ({"num_attention_heads": 4096, "num_key_value_heads": 2}, ["num_attention_heads"]),
         ({"head_dim": 1024}, ["head_dim 1024", "limit 256"]),
         ({"max_position_embeddings": 10**7}, ["max_position_embeddings", "limit 1048576"]),
+        ({"rms_norm_eps": 10**400}, ["rms_norm_eps", "limit 1"]),  # float() would overflow
+        ({"rms_norm_eps": 1e-300}, ["rms_norm_eps", "float32"]),
+        ({"rope_theta": 1e300}, ["rope_theta", "limit 1e+12"]),
     ],
 )
 def test_huge_config_fields_are_refused_at_once_naming_field_limit_and_file(
