@@ -13,15 +13,59 @@ import signal
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from amk_farm import catalog, config
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer, on click itself
+    from click.exceptions import ClickException  # type: ignore[assignment]
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (a bad option value, an unknown command, `status abc`) are one line on
+    stderr like every other error, exit code 2, instead of click's usage box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run(standalone: bool) -> Any:
+            return super(_OneLineUsageErrors, self).main(
+                args, prog_name, complete_var, standalone, windows_expand_args, **extra
+            )
+
+        if not standalone_mode:
+            return run(False)
+        try:
+            rv = run(False)
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # the help is printed already
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            msg = " ".join(e.format_message().split())
+            print(f"error: {where}{msg}{hint}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="amk-farm",
@@ -29,11 +73,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineUsageErrors,
 )
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Write into an existing output: replace only this command's own files."
+    ),
+]
 
 
 def _user_errors(fn: F) -> F:
@@ -244,6 +295,7 @@ def graph(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the graph JSON here.")
     ] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build MODEL's decode-step IR graph and print its model hash."""
@@ -251,6 +303,8 @@ def graph(
     from compiler.ir.ops import Op
 
     spec = catalog.resolve(model)
+    if output is not None:
+        _check_output_file(output, force)
     if onnx is not None:
         g = _onnx_graph(spec, onnx)
         frontend = "onnx"
@@ -286,6 +340,14 @@ def graph(
         print(f"written     {output}")
 
 
+def _check_output_file(path: Path, force: bool) -> None:
+    """Refuse to overwrite an existing file (or to write over a directory) unless `force`."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; -o takes a file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise FileExistsError(f"{path} exists; use --force to replace it")
+
+
 def _options(
     pairs: list[str], sm_count: int | None, arch: str, batch: int, hidden: int | None = None
 ) -> Any:
@@ -308,10 +370,14 @@ def _options(
 
 
 def _int(text: str, key: str) -> int:
+    from compiler.limits import LIMITS, MAX_DIGITS, show, show_digits
+
+    if len(text.strip().lstrip("+-")) > MAX_DIGITS:
+        raise ValueError(f"option {key} {show_digits(text)} exceeds the limit {LIMITS.get(key)}")
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"--option {key} needs an integer, got {text!r}") from None
+        raise ValueError(f"--option {key} needs an integer, got {show(text)}") from None
 
 
 @app.command("compile")
@@ -321,8 +387,14 @@ def compile_(
         str, typer.Argument(help="Catalog name, alias, or path to an HF config.json.")
     ],
     template: Annotated[
-        str, typer.Option("-t", "--template", help="Shape template b<batch>-s<max_seq>.")
-    ] = "b1-s4096",
+        str | None,
+        typer.Option(
+            "-t",
+            "--template",
+            help="Shape template b<batch>-s<max_seq> (default b1-s4096, or fewer positions if "
+            "the model has fewer).",
+        ),
+    ] = None,
     arch: Annotated[
         str, typer.Option("--arch", help="CUDA target: sm_80 (A100) or sm_90a (H100/H200).")
     ] = "sm_90a",
@@ -344,15 +416,24 @@ def compile_(
     option: Annotated[
         list[str] | None, typer.Option("--option", help="Schedule option KEY=VALUE; repeatable.")
     ] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compile MODEL into one artifact directory: graph, fused graph, schedule, kernel.cu, cubin."""
+    """Compile MODEL into one artifact directory: graph, fused graph, schedule, kernel.cu, cubin.
+
+    An existing non-empty output directory is refused; with --force only the artifact's own
+    files in it are replaced (proof/, notes and other files are kept)."""
+    from compiler.artifact import check_output
+    from compiler.limits import check_compile
     from compiler.pipeline import compile_model, load_stage
     from compiler.spec import ShapeTemplate
 
     spec = catalog.resolve(model)
-    shape = ShapeTemplate.parse(template)
+    shape = ShapeTemplate.parse(template) if template is not None else ShapeTemplate.default(spec)
     opts = _options(option or [], sm_count, arch, shape.batch, spec.hidden_size)
+    check_compile(spec, shape, opts)  # before any work: the checkpoint digest reads every byte
+    out = output or Path(f"{spec.name.replace('/', '_')}-{shape}-{arch}")
+    check_output(out, force)
     ckpt = None
     if weights is not None:
         from compiler.frontend.checkpoint import Checkpoint, checkpoint_digest
@@ -360,7 +441,6 @@ def compile_(
         Checkpoint.open(weights, spec)  # refuses a checkpoint that does not fit the model
         ckpt = checkpoint_digest(weights)
     begin = load_stage(start) if start is not None else None
-    out = output or Path(f"{spec.name.replace('/', '_')}-{shape}-{arch}")
     manifest, st = compile_model(
         spec,
         shape,
@@ -370,6 +450,7 @@ def compile_(
         checkpoint_digest=ckpt,
         start=begin,
         progress=lambda stage: _progress(f"{spec.name} {shape} {arch}: {stage}"),
+        force=force,
     )
     _progress("")
     for note in st.notes:
@@ -833,6 +914,7 @@ def pull(
         list[Path] | None,
         typer.Option("--key", help="Also trust this public key (PEM file); repeatable."),
     ] = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch a published artifact, checking signature, key, attestation and every sha256 before
@@ -842,14 +924,16 @@ def pull(
     `keys init`), the keys in AMK_HOME/trusted/*.pem (this user's own choice, `keys trust`),
     and each --key. Never a key from the registry database. The attestation must say that
     every obligation was proved for the very manifest handed out. The newest compiler version
-    wins if several are published. On any failure DIR is left as it was."""
+    wins if several are published. On any failure DIR is left as it was. An existing non-empty
+    DIR is refused; with --force only the artifact's own files in it are replaced (other files
+    are kept)."""
     from amk_farm import registry, signing
 
     trusted = signing.trusted_keys(key or [])
     engine, store = _registry()
     _progress(f"pulling {model} {template} {arch}")
     result = registry.pull(
-        model, template, arch, output, engine=engine, store=store, trusted=trusted
+        model, template, arch, output, engine=engine, store=store, trusted=trusted, force=force
     )
     _progress("")
     if as_json:

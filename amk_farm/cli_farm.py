@@ -20,6 +20,7 @@ from amk_farm import catalog, config
 from amk_farm.cli import JsonOpt, _options, _progress, _registry, _user_errors, app, err
 
 DONE_STATES = ("published", "failed")
+JOB_ID_MAX = 2**63 - 1  # job ids are SQL BIGINT / SQLite INTEGER
 
 
 def _signing_key() -> Any:
@@ -48,7 +49,12 @@ def submit(
     ],
     template: Annotated[
         list[str] | None,
-        typer.Option("-t", "--template", help="Shape template; repeatable (default b1-s4096)."),
+        typer.Option(
+            "-t",
+            "--template",
+            help="Shape template; repeatable (default b1-s4096, or fewer positions if the model "
+            "has fewer).",
+        ),
     ] = None,
     arch: Annotated[
         list[str] | None,
@@ -77,16 +83,21 @@ def submit(
     background process (log in AMK_HOME/logs) and `amk-farm status` follows them."""
     from amk_farm import farm, jobs
     from amk_farm.model_hash import model_hash
+    from compiler.limits import check_compile
     from compiler.pipeline import ARCHS
     from compiler.spec import ShapeTemplate
 
     cfg = config.load()
     spec = catalog.resolve(model)
-    shapes = [ShapeTemplate.parse(t) for t in dict.fromkeys(template or ["b1-s4096"])]
+    shapes = [ShapeTemplate.parse(t) for t in dict.fromkeys(template or [])]
+    shapes = shapes or [ShapeTemplate.default(spec)]
     archs = list(dict.fromkeys(arch or ["sm_90a"]))
     for a in archs:
         if a not in ARCHS:
             raise ValueError(f"unsupported arch {a!r} (supported: {', '.join(ARCHS)})")
+    for shape in shapes:  # every job within the limits before anything is stored
+        for a in archs:
+            check_compile(spec, shape, _options(option or [], None, a, shape.batch))
     _signing_key()  # refuse before any work if nothing could be published
     ckpt = None
     if weights is not None:
@@ -155,7 +166,9 @@ def _detach(ids: list[int]) -> Path:
 
 @app.command(hidden=True)
 @_user_errors
-def drive(job_ids: Annotated[list[int], typer.Argument(help="Jobs to run.")]) -> None:
+def drive(
+    job_ids: Annotated[list[int], typer.Argument(help="Jobs to run.", min=1, max=JOB_ID_MAX)],
+) -> None:
     """Run existing jobs to their end (what `submit` starts in the background)."""
     _drive(job_ids)
 
@@ -243,12 +256,17 @@ def _print_jobs(engine: Any, ids: list[int], as_json: bool, note: str = "") -> N
 @app.command()
 @_user_errors
 def status(
-    job: Annotated[int | None, typer.Argument(help="A job id (default: the newest jobs).")] = None,
+    job: Annotated[
+        int | None,
+        typer.Argument(help="A job id (default: the newest jobs).", min=1, max=JOB_ID_MAX),
+    ] = None,
     watch: Annotated[
         bool,
         typer.Option("--watch", help="Refresh until the job ends or its submitter is gone."),
     ] = False,
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 2.0,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between refreshes.", min=0.1, max=3600)
+    ] = 2.0,
     as_json: JsonOpt = False,
 ) -> None:
     """A job's stages and its obligations per layer (proved, cached, failed, running, pending),

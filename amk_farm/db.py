@@ -16,6 +16,7 @@ failing with "database is locked".
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +35,8 @@ from sqlalchemy import (
     make_url,
     text,
 )
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SQLITE_BUSY_TIMEOUT_S = 60  # concurrent publishers wait their turn this long before failing
@@ -235,9 +238,40 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class DatabaseURLError(ValueError):
+    """A registry URL that names no database amk-farm supports."""
+
+
+# backend -> the drivers accepted for it (None: the URL names none)
+DRIVERS = {"sqlite": (None, "pysqlite"), "postgresql": (None, "psycopg")}
+SUPPORTED_URLS = "sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
+
+
+def parse_url(url: str) -> URL:
+    """`url` as an SQLAlchemy URL of a supported database (`postgresql://` means psycopg 3).
+
+    Raises:
+        DatabaseURLError: unparsable, or not SQLite or PostgreSQL through psycopg.
+    """
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        shown = re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url)[:60]  # no password in the message
+        raise DatabaseURLError(
+            f"not a database URL: {shown!r} (AMK_DB_URL takes {SUPPORTED_URLS})"
+        ) from None
+    backend, driver = u.get_backend_name(), u.drivername.partition("+")[2] or None
+    if driver not in DRIVERS.get(backend, ()):
+        shown = u.render_as_string(hide_password=True)[:80]
+        raise DatabaseURLError(
+            f"unsupported database URL {shown!r} (AMK_DB_URL takes {SUPPORTED_URLS})"
+        )
+    return u.set(drivername="postgresql+psycopg") if backend == "postgresql" else u
+
+
 def create(url: str) -> Engine:
     """An engine for `url`, without touching the schema (see `engine`)."""
-    u = make_url(url)
+    u = parse_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ from compiler.artifact import (
     ArtifactError,
     Manifest,
     check_files,
+    check_output,
+    install,
     read_manifest,
     sha256_file,
 )
@@ -448,6 +450,7 @@ def pull(
     engine: Engine,
     store: BlobStore,
     trusted: Mapping[str, Any],
+    force: bool = False,
 ) -> Pulled:
     """Fetch a published artifact into `out_dir`, checked end to end before anything appears.
 
@@ -455,11 +458,13 @@ def pull(
         model: a model name, alias or model hash.
         template: the shape template (`b1-s4096`).
         arch: the CUDA arch (`sm_90a`).
-        out_dir: the artifact directory to write (replaced if it is one already).
+        out_dir: the artifact directory to write: absent or empty, or with `force` a directory
+            whose files of the artifact's are replaced and whose other files are kept.
         engine: the registry database.
         store: the blob store holding the artifact's blobs.
         trusted: the public keys, by key id, that this puller trusts: the caller's own, from
             local files (never from the database, which any of its writers could fill).
+        force: write into a non-empty `out_dir` (compiler/artifact.py `install`).
 
     Returns:
         What was pulled. If several compiler versions are published, the newest.
@@ -469,6 +474,7 @@ def pull(
             missing or corrupt. `out_dir` is then as it was (not created if it did not exist).
     """
     out = Path(out_dir)
+    check_output(out, force)  # before anything is fetched
     keys = dict(trusted)
     with Session(engine) as s:
         found = s.scalars(
@@ -532,7 +538,7 @@ def pull(
             check_files(tmp, manifest)
         except ArtifactError as e:
             raise RegistryError(f"{desc}: {e}") from None
-        _install(tmp, out)
+        install(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -544,17 +550,3 @@ def pull(
         signer,
         sorted(rows),
     )
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the checked directory into place, replacing an artifact directory there."""
-    tmp.chmod(0o755)
-    if not out.exists():
-        tmp.rename(out)
-        return
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise RegistryError(f"{out} exists and is not an artifact directory; not replacing it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    out.rename(old / out.name)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -108,11 +108,17 @@ def open_store(
             multipart_threshold=multipart_threshold,
             multipart_chunk=multipart_chunk,
         )
-    if parsed.scheme == "file":
-        return LocalStore(Path(unquote(parsed.path)))
-    if parsed.scheme and len(parsed.scheme) > 1:  # "C:" would be a drive, not a scheme
+    if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme != "file":  # "C:" is a drive
         raise StoreError(f"{url}: unsupported store URL (use s3://bucket/prefix or a directory)")
-    return LocalStore(Path(url))
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise StoreError(f"{url}: a file store URL names no host (file:///dir)")
+    raw = unquote(parsed.path) if parsed.scheme == "file" else url
+    if not raw.strip():
+        raise StoreError(f"{url!r}: an empty store path (use s3://bucket/prefix or a directory)")
+    root = Path(raw)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{url}: the store is not a directory")
+    return LocalStore(root)
 
 
 def _check(digest: str) -> None:

@@ -7,6 +7,10 @@ The manifest names the model (its spec, so the graph can be rebuilt independentl
 hash, shape template, arch, compiler version, options and their hash, the toolchain, and the
 sha256 of every file. A directory is written under a temporary name and renamed into place, so
 no reader ever sees a partial artifact.
+
+Nothing of the user's is deleted: an output directory that exists and is not empty is refused
+unless `force`, and then only the files the command writes are replaced (`check_output`,
+`install`); notes, proof/, bench.json and any other file already there are left alone.
 """
 
 from __future__ import annotations
@@ -92,11 +96,68 @@ def check_files(directory: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"{directory}: {name} does not match its sha256 in the manifest")
 
 
-class ArtifactWriter:
-    """Collects files in a temporary directory beside `out`; `commit` renames it into place."""
+def check_output(out: Path, force: bool = False) -> None:
+    """Refuse `out` as an output directory unless it is absent, empty, or `force` is given.
 
-    def __init__(self, out: Path):
-        self.out = out
+    Raises:
+        ArtifactError: `out` is not a directory, or is a non-empty one and `force` is False.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory; not writing an artifact there")
+    if not force and any(out.iterdir()):
+        raise ArtifactError(
+            f"{out} exists and is not empty; use --force to replace the artifact's own files "
+            "in it (other files are kept)"
+        )
+
+
+def _check_target(out: Path, rel: Path) -> None:
+    """`out / rel` can be replaced by a file: every directory on the way is a real directory
+    (not a link that would lead outside `out`), and the file itself is not a directory."""
+    p = out
+    for part in rel.parts[:-1]:
+        p = p / part
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise ArtifactError(f"{p} is not a directory; not writing {rel} through it")
+    dest = out / rel
+    if dest.is_dir() and not dest.is_symlink():
+        raise ArtifactError(f"{dest} is a directory; not replacing it with a file")
+
+
+def install(tmp: Path, out: Path, force: bool = False) -> None:
+    """Move the complete artifact directory `tmp` to `out`.
+
+    An absent or empty `out` is replaced by one rename: it appears whole or not at all. A
+    non-empty `out` (only with `force`) gets each of `tmp`'s files in place of its namesake, the
+    manifest removed first and written last, so no reader sees a manifest that does not match
+    the files; every other file in `out` is left as it was. `tmp` is gone afterwards.
+    """
+    check_output(out, force)
+    tmp.chmod(0o755)
+    if not out.exists() or not any(out.iterdir()):
+        os.rename(tmp, out)  # onto an empty directory too
+        return
+    files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+    for rel in files:  # every target checked before anything moves
+        _check_target(out, rel)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for rel in sorted(files, key=lambda r: str(r) == MANIFEST):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, out / rel)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ArtifactWriter:
+    """Collects files in a temporary directory beside `out`; `commit` moves them into place.
+
+    `out` is checked first (`check_output`): a non-empty directory is refused unless `force`.
+    """
+
+    def __init__(self, out: Path, force: bool = False):
+        check_output(out, force)
+        self.out, self.force = out, force
         out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
 
@@ -119,18 +180,7 @@ class ArtifactWriter:
         (self.tmp / MANIFEST).write_text(
             json.dumps(manifest.to_json(), indent=1, sort_keys=True) + "\n"
         )
-        os.chmod(self.tmp, 0o755)
-        if self.out.exists():
-            if not (self.out / MANIFEST).is_file() and any(self.out.iterdir()):
-                raise ArtifactError(
-                    f"{self.out} exists and is not an artifact directory; not replacing it"
-                )
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
-            self.tmp.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out)
+        install(self.tmp, self.out, self.force)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

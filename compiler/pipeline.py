@@ -22,6 +22,7 @@ import compiler
 from compiler.artifact import ArtifactWriter, Manifest
 from compiler.ir.fused import FusedGraph
 from compiler.ir.graph import Graph, IRError
+from compiler.limits import check_compile
 from compiler.schedule.schedule import Options, Schedule
 from compiler.spec import ModelSpec, ShapeTemplate
 
@@ -130,12 +131,22 @@ def load_stage(path: Path) -> dict[str, Any]:
     }
     for earlier in order[: order.index(kind)]:
         sibling = path.parent / f"{earlier}.json"
-        if sibling.is_file():
-            start[earlier] = loaders[earlier](json.loads(sibling.read_text()))
-        else:
+        if not sibling.is_file():
             raise IRError(f"{path}: starting from {kind} needs {sibling.name} beside it")
-    start[kind] = loaders[kind](data)
+        start[earlier] = _load(sibling, loaders[earlier])
+    start[kind] = _load(path, loaders[kind], data)
     return start
+
+
+def _load(path: Path, loader: Callable[[Any], Any], data: Any = None) -> Any:
+    """`loader(data)` (data: the file's JSON), its errors naming the file."""
+    import json
+
+    try:
+        return loader(json.loads(path.read_text()) if data is None else data)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # IRError too
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise IRError(f"{path}: {first.removeprefix(f'{path}: ')}") from None
 
 
 def toolchain() -> dict[str, str]:
@@ -157,10 +168,14 @@ def compile_model(
     checkpoint_digest: str | None = None,
     start: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    force: bool = False,
 ) -> tuple[Manifest, State]:
     """Run every stage into `out_dir` (written atomically) and return its manifest.
 
     `start` may hold a loaded `graph`, `fused` or `schedule` to begin from instead of recomputing.
+    Before any stage runs, the inputs are checked against compiler/limits.py and `out_dir`
+    must be absent or empty; with `force` a non-empty one gets only the artifact's own files
+    replaced (compiler/artifact.py `install`).
     """
     if arch not in ARCHS:
         raise IRError(f"unsupported arch {arch!r} (supported: {', '.join(ARCHS)})")
@@ -171,7 +186,8 @@ def compile_model(
         options or Options.for_target(arch, template.batch, spec.hidden_size),
         **(start or {}),
     )
-    writer = ArtifactWriter(out_dir)
+    check_compile(spec, template, st.options)
+    writer = ArtifactWriter(out_dir, force)
     try:
         for name, stage in STAGES:
             progress(name)

@@ -14,6 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compiler.limits import (
+    FLOAT_LIMITS,
+    HF_NAMES,
+    LIMITS,
+    MAX_DIGITS,
+    MIN_RMS_NORM_EPS,
+    show,
+    show_digits,
+)
+
 
 class SpecError(ValueError):
     """A model description that amk-farm cannot compile faithfully."""
@@ -134,7 +144,8 @@ class ModelSpec:
         ):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise SpecError(f"{self.name}: {f} must be a positive integer, got {v!r}")
+                raise SpecError(f"{self.name}: {f} must be a positive integer, got {show(v)}")
+            _within(f, v, self.name)
         if self.arch not in ("llama", "mistral"):
             raise SpecError(f"{self.name}: unsupported architecture {self.arch!r}")
         if self.num_heads % self.num_kv_heads:
@@ -147,13 +158,24 @@ class ModelSpec:
         for f in ("rms_norm_eps", "rope_theta"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise SpecError(f"{self.name}: {f} must be a number, got {v!r}")
+                raise SpecError(f"{self.name}: {f} must be a number, got {show(v)}")
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
             raise SpecError(
                 f"{self.name}: rms_norm_eps must be positive, got {self.rms_norm_eps!r}"
             )
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise SpecError(f"{self.name}: rope_theta must be positive, got {self.rope_theta!r}")
+        for f in ("rms_norm_eps", "rope_theta"):
+            if getattr(self, f) > FLOAT_LIMITS[f]:
+                raise SpecError(
+                    f"{self.name}: {f} {show(getattr(self, f))} exceeds the limit "
+                    f"{FLOAT_LIMITS[f]:g}"
+                )
+        if self.rms_norm_eps < MIN_RMS_NORM_EPS:
+            raise SpecError(
+                f"{self.name}: rms_norm_eps {self.rms_norm_eps!r} is below the limit "
+                f"{MIN_RMS_NORM_EPS:g} (it would be 0 in float32)"
+            )
         if self.sliding_window is not None and (
             not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool)
         ):
@@ -164,6 +186,8 @@ class ModelSpec:
             raise SpecError(
                 f"{self.name}: sliding_window must be positive, got {self.sliding_window!r}"
             )
+        if self.sliding_window is not None:
+            _within("sliding_window", self.sliding_window, self.name)
 
     @property
     def q_size(self) -> int:
@@ -199,17 +223,32 @@ class ModelSpec:
         return dataclasses.replace(self, name=name)
 
 
+def _within(field: str, value: int, where: str, name: str | None = None) -> int:
+    """`value` if within LIMITS[field] (compiler/limits.py), else SpecError naming `name`."""
+    if value > LIMITS[field]:
+        raise SpecError(f"{where}: {name or field} {show(value)} exceeds the limit {LIMITS[field]}")
+    return value
+
+
+_HF_FIELDS = {hf: field for field, hf in HF_NAMES.items()}
+
+
 def _positive_int(cfg: dict[str, Any], key: str, where: str) -> int:
+    """cfg[key], a positive integer within its limit."""
     v = cfg.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise SpecError(f"{where}: {key} must be a positive integer, got {v!r}")
-    return v
+        raise SpecError(f"{where}: {key} must be a positive integer, got {show(v)}")
+    return _within(_HF_FIELDS.get(key, key), v, where, key)
 
 
 def _number(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise SpecError(f"{where}: {key} must be a number, got {v!r}")
+        raise SpecError(f"{where}: {key} must be a number, got {show(v)}")
+    if isinstance(v, int) and abs(v) > FLOAT_LIMITS.get(key, 1e300):  # float(v) would overflow
+        raise SpecError(
+            f"{where}: {key} {show(v)} exceeds the limit {FLOAT_LIMITS.get(key, 1e300):g}"
+        )
     return float(v)
 
 
@@ -250,6 +289,9 @@ def _rope(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
             block, "original_max_position_embeddings", f"{where}: rope_scaling"
         ),
     )
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if math.isfinite(getattr(rs, key)) and getattr(rs, key) > FLOAT_LIMITS[key]:
+            raise SpecError(f"{where}: rope_scaling {key} exceeds the limit {FLOAT_LIMITS[key]:g}")
     finite = all(math.isfinite(x) for x in (rs.factor, rs.low_freq_factor, rs.high_freq_factor))
     if not (finite and rs.factor > 0 and rs.high_freq_factor > rs.low_freq_factor > 0):
         raise SpecError(f"{where}: llama3 rope scaling factors are inconsistent: {block!r}")
@@ -287,19 +329,21 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
             raise SpecError(f"{where}: unsupported {flag}=true")
     heads = _positive_int(cfg, "num_attention_heads", where)
     hidden = _positive_int(cfg, "hidden_size", where)
-    head_dim = cfg.get("head_dim")
-    if head_dim is None:
+    if cfg.get("head_dim") is None:
         if hidden % heads:
             raise SpecError(
                 f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
             )
-        head_dim = hidden // heads
-    kv = cfg.get("num_key_value_heads")
+        head_dim = _within("head_dim", hidden // heads, where, "hidden_size / num_attention_heads")
+    else:
+        head_dim = _positive_int(cfg, "head_dim", where)
+    kv = heads if cfg.get("num_key_value_heads") is None else None
+    kv = kv or _positive_int(cfg, "num_key_value_heads", where)
     sliding = cfg.get("sliding_window")
     if model_type == "llama" and sliding is not None:
         raise SpecError(f"{where}: sliding_window is not a llama field")
-    if sliding is not None and (not isinstance(sliding, int) or isinstance(sliding, bool)):
-        raise SpecError(f"{where}: sliding_window must be an integer or null, got {sliding!r}")
+    if sliding is not None:
+        sliding = _positive_int(cfg, "sliding_window", where)
     theta, scaling = _rope(cfg, where)
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
@@ -311,7 +355,7 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
         intermediate_size=_positive_int(cfg, "intermediate_size", where),
         num_layers=_positive_int(cfg, "num_hidden_layers", where),
         num_heads=heads,
-        num_kv_heads=heads if kv is None else kv,
+        num_kv_heads=kv,
         head_dim=head_dim,
         vocab_size=_positive_int(cfg, "vocab_size", where),
         rms_norm_eps=_number(cfg, "rms_norm_eps", 1e-6, where),
@@ -323,6 +367,9 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
     )
 
 
+CONFIG_MAX_BYTES = 1 << 20  # an HF config.json is a few kilobytes
+
+
 def spec_from_config_file(path: str | Path) -> ModelSpec:
     """Read an HF `config.json` (or a checkpoint directory holding one)."""
     p = Path(path)
@@ -331,9 +378,15 @@ def spec_from_config_file(path: str | Path) -> ModelSpec:
     if not p.is_file():
         raise SpecError(f"{path}: no such config file")
     try:
+        if p.stat().st_size > CONFIG_MAX_BYTES:
+            raise SpecError(f"{p}: {p.stat().st_size} bytes, over the limit {CONFIG_MAX_BYTES}")
         cfg = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{p}: malformed JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # 5000-digit numbers, [[[[... nested too deep
+        if isinstance(e, SpecError):
+            raise
+        raise SpecError(f"{p}: malformed JSON: {str(e)[:80] or type(e).__name__}") from None
     except OSError as e:
         raise SpecError(f"{p}: cannot read: {e.strerror or e}") from None
     return spec_from_hf_config(cfg, name=str(p))
@@ -380,12 +433,26 @@ class ShapeTemplate:
 
     @classmethod
     def parse(cls, text: str) -> ShapeTemplate:
+        """`b<batch>-s<max_seq>`, canonical, each number at least 1 and within its limit."""
         m = TEMPLATE_RE.fullmatch(text) if isinstance(text, str) else None
         if not m:
             raise SpecError(
-                f"bad shape template {text!r} (expected b<batch>-s<max_seq>, e.g. b1-s4096)"
+                f"bad shape template {show(text)} (expected b<batch>-s<max_seq>, e.g. b1-s4096)"
             )
-        return cls(int(m.group(1)), int(m.group(2)))
+        values = []
+        for field, digits in zip(("batch", "max_seq"), m.groups(), strict=True):
+            if len(digits) > MAX_DIGITS:  # over every limit; not worth converting
+                raise SpecError(
+                    f"shape template {show(text)}: {field} {show_digits(digits)} exceeds the limit "
+                    f"{LIMITS[field]}"
+                )
+            values.append(_within(field, int(digits), f"shape template {text}"))
+        return cls(values[0], values[1])
+
+    @classmethod
+    def default(cls, spec: ModelSpec) -> ShapeTemplate:
+        """b1-s4096, or b1-s<max positions> for a model with fewer positions."""
+        return cls(1, min(4096, spec.max_position_embeddings))
 
     def __str__(self) -> str:
         return f"b{self.batch}-s{self.max_seq}"

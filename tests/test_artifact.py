@@ -41,20 +41,29 @@ def test_abort_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_replacing_an_artifact_and_refusing_other_directories(tmp_path):
+def test_replacing_an_artifact_needs_force_and_keeps_other_files(tmp_path):
+    """A non-empty directory is refused before anything is written; with force only the
+    artifact's own files are replaced (issue 15: a recompile deleted proof/ and notes)."""
     out = tmp_path / "art"
-    for text in ("one", "two"):
-        w = ArtifactWriter(out)
-        w.write_text("kernel.cu", text)
-        w.commit(manifest(w.digests()))
+    w = ArtifactWriter(out)
+    w.write_text("kernel.cu", "one")
+    w.commit(manifest(w.digests()))
+    with pytest.raises(ArtifactError, match="not empty; use --force"):
+        ArtifactWriter(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary made
+    (out / "notes.txt").write_text("mine")
+    w = ArtifactWriter(out, force=True)
+    w.write_text("kernel.cu", "two")
+    w.commit(manifest(w.digests()))
     assert (out / "kernel.cu").read_text() == "two"
+    assert (out / "notes.txt").read_text() == "mine"
+    check_files(out, read_manifest(out))
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.png").write_text("meow")
-    w = ArtifactWriter(other)
-    with pytest.raises(ArtifactError, match="not an artifact directory"):
-        w.commit(manifest({}))
-    assert (other / "cat.png").read_text() == "meow"
+    with pytest.raises(ArtifactError, match="photos exists and is not empty"):
+        ArtifactWriter(other)
+    assert [p.name for p in other.iterdir()] == ["cat.png"]
 
 
 def test_tampered_or_missing_files_are_named(tmp_path):

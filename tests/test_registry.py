@@ -168,12 +168,13 @@ def publish(reg: Registry, artifact: Path) -> dict[str, Any]:
     return json.loads(ok(runner.invoke(app, ["publish", str(artifact), "--json"])).stdout)
 
 
-def pull(reg: Registry, out: Path, trust: bool = True) -> Any:
+def pull(reg: Registry, out: Path, *extra: str, trust: bool = True) -> Any:
     reg.home(reg.puller)
     if trust:
         ok(runner.invoke(app, ["keys", "trust", str(reg.puller / "trusted.pub")]))
     return runner.invoke(
-        app, ["pull", "tiny-llama", "-t", TEMPLATE, "--arch", ARCH, "-o", str(out), "--json"]
+        app,
+        ["pull", "tiny-llama", "-t", TEMPLATE, "--arch", ARCH, "-o", str(out), "--json", *extra],
     )
 
 
@@ -220,9 +221,11 @@ def test_publish_then_pull_elsewhere_is_bit_exact(reg: Registry, artifact: Path,
     by_hash = runner.invoke(app, ["list", "--model", manifest.model_hash, "--json"])
     assert json.loads(by_hash.stdout) == listed
     assert json.loads(runner.invoke(app, ["list", "--model", "llama-2-7b", "--json"]).stdout) == []
-    again = ok(pull(reg, out))  # over an existing artifact directory: replaced whole
+    refused(pull(reg, out), "not empty; use --force")  # nothing of the user's is replaced
+    (out / "notes.txt").write_text("mine")
+    again = ok(pull(reg, out, "--force"))  # the artifact's files replaced, notes.txt kept
     assert json.loads(again.stdout)["manifest_digest"] == published["manifest_digest"]
-    assert tree(out) == tree(artifact)
+    assert tree(out) == {**tree(artifact), "notes.txt": b"mine"}
 
 
 def test_publishing_twice_says_already_published(reg_db: Registry, artifact: Path):
@@ -291,7 +294,7 @@ def test_existing_directory_is_untouched_when_a_pull_fails(
     ok(pull(reg, out))
     before = tree(out)
     corrupt_blob(reg.store, file_digest(reg, "schedule.json"))
-    refused(pull(reg, out), "corrupt")
+    refused(pull(reg, out, "--force"), "corrupt")  # over an artifact: only with --force
     assert tree(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny.")]
 

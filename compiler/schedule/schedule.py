@@ -37,6 +37,7 @@ from typing import Any
 from compiler.ir import jsonform
 from compiler.ir.fused import Kind
 from compiler.ir.graph import IRError
+from compiler.limits import LIMITS, check, show
 from compiler.spec import ShapeTemplate
 
 SCHEDULE_VERSION = 1
@@ -104,10 +105,12 @@ class Options:
             if f.name in choices:
                 if v not in choices[f.name]:
                     raise ValueError(
-                        f"option {f.name} must be one of {', '.join(choices[f.name])}, got {v!r}"
+                        f"option {f.name} must be one of {', '.join(choices[f.name])}, got {show(v)}"
                     )
             elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"option {f.name} must be a positive integer, got {v!r}")
+                raise ValueError(f"option {f.name} must be a positive integer, got {show(v)}")
+            elif f.name in LIMITS:
+                check(f.name, v, name=f"option {f.name}")
         if self.embed_cols % 8:
             raise ValueError(f"option embed_cols must be a multiple of 8, got {self.embed_cols}")
         if self.threads % 32:
