@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from amk_farm.cli import JsonOpt, _user_errors, _write_atomic, app
+from amk_farm.cli import ForceOpt, JsonOpt, _check_output_file, _user_errors, _write_atomic, app
 
 
 def _bytes_atomic(path: Path, data: bytes) -> None:
@@ -39,6 +39,7 @@ def profile(
         Path,
         typer.Option("-o", "--out", help="Chrome/Perfetto trace to write; the PNG goes beside it."),
     ] = Path("trace.json"),
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Where one decode step's time goes: an instrumented build of the same kernel records
@@ -56,9 +57,11 @@ def profile(
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if not (artifact / "manifest.json").is_file():
         raise ValueError(f"{artifact}: not an artifact directory (no manifest.json)")
-    read_manifest(artifact)
     if out.suffix != ".json":
         raise ValueError(f"-o {out}: the trace is JSON; name it *.json")
+    for path in (out, out.with_suffix(".png")):  # before any GPU work
+        _check_output_file(path, force)
+    read_manifest(artifact)
     with tempfile.TemporaryDirectory(prefix="amk-profile-") as tmp:
         prof = run(artifact, Path(tmp), weights=weights, seed=seed, kv_len=kv, steps=steps,
                    log=lambda m: print(m, file=sys.stderr))  # fmt: skip

@@ -205,3 +205,14 @@ def test_compile_json_carries_the_schedule_report(tmp_path: Path) -> None:
     rep = json.loads(r.stdout)["schedule_report"]
     assert rep["hops"] == 17 and rep["phases_per_layer"] == [7]
     assert rep["predicted_ms"] > rep["stream_ms"] > 0
+
+
+def test_profile_command_keeps_an_existing_trace(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("{}")
+    trace = tmp_path / "t.json"
+    trace.write_text("mine")
+    cli = "from amk_farm.cli import main; main()"
+    r = subprocess.run([sys.executable, "-c", cli, "profile", str(tmp_path), "-o", str(trace)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and trace.read_text() == "mine"
+    assert r.stderr.strip().splitlines() == [f"error: {trace} exists; use --force to replace it"]
