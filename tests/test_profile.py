@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -22,6 +23,8 @@ import pytest
 from compiler.codegen.kernel import render_kernel
 from compiler.ir.fused import FusedGraph, Kind
 from compiler.runtime.timeline import (
+    MARKS,
+    WORDS,
     ProfileError,
     Timeline,
     analyse,
@@ -37,6 +40,8 @@ from tests.test_codegen import case
 HOP = 2.0  # us from a predecessor's end to its consumer's going
 RUN = {k: 1.0 + i for i, k in enumerate(Kind)}  # us a task of each kind runs
 T0 = 10**12  # a global-timer origin (ns)
+# marks the simulated bodies reach, at these fractions of their run (mark 0 unreached in one)
+MARKED = {Kind.GATE_UP_SILU: {0: 0.25, 1: 0.5, 2: 0.75}, Kind.ATTN_PARTIAL: {1: 0.5, 3: 0.75}}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def simulate(sched: Schedule) -> np.ndarray:
     signallers: dict[int, list[int]] = {}
     for t in sched.tasks:
         signallers.setdefault(t.signal, []).append(t.id)
-    words = np.zeros(n * 6, dtype=np.uint64)
+    words = np.zeros(n * WORDS, dtype=np.uint64)
     pos = [0] * ctas
     done = 0
     ns = lambda us: np.uint64(T0 + round(us * 1e3))  # noqa: E731
@@ -70,6 +75,8 @@ def simulate(sched: Schedule) -> np.ndarray:
             end[t.id] = waited + RUN[t.kind]
             words[t.id * 4 : t.id * 4 + 4] = [ns(start), ns(waited), ns(end[t.id]), q]
             words[n * 4 + t.id * 2 : n * 4 + t.id * 2 + 2] = [ns(start), ns(start + 0.5)]
+            for k, f in MARKED.get(t.kind, {}).items():  # marks at fractions of the body
+                words[n * 6 + t.id * MARKS + k] = ns(waited + f * RUN[t.kind])
             free[q] = end[t.id]
             pos[q] += 1
             done += 1
@@ -125,6 +132,14 @@ def test_timeline_gives_back_the_simulated_step(tiny: tuple[FusedGraph, Schedule
     assert a["step_us"] == pytest.approx(tl.span)
     for k, row in a["by_kind"].items():
         assert row["median_task_us"] == pytest.approx(RUN[Kind(k)])
+        segs, run = row["segments_us"], RUN[Kind(k)]
+        assert sum(x for x in segs if x is not None) == pytest.approx(run)
+        fractions = MARKED.get(Kind(k), {})
+        assert [x is not None for x in segs[:MARKS]] == [m in fractions for m in range(MARKS)]
+    gate = a["by_kind"]["gate_up_silu"]["segments_us"]
+    quarter = 0.25 * RUN[Kind.GATE_UP_SILU]  # waited > 0 > 1 > 2 (3 unreached) > end
+    assert gate[3] is None and [gate[i] for i in (0, 1, 2, 4)] == pytest.approx([quarter] * 4)
+    json.dumps(a, allow_nan=False)  # --json output: no NaN
     ct = a["cta_time"]
     assert ct["busy"] + ct["wait"] + ct["idle"] == pytest.approx(1, abs=1e-3)
     path = critical_path(tl, sched, 1)
@@ -169,10 +184,16 @@ def test_profile_build_only_adds_stamps(
     fg, sched, plain = tiny
     assert "amk_prof" not in plain and "globaltimer" not in plain
     prof = render_kernel(fg, sched, profile=True)
-    assert prof.count("= prof_now()") == 5 and "amk_prof" in prof
-    # the profile build is the plain kernel plus lines: nothing of it is changed or dropped
+    marks = re.findall(r"^\s*// @mark (\d)$", plain, re.M)
+    assert len(marks) >= 8 and "prof_mark" not in plain
+    assert prof.count("prof_mark(") == len(marks) + 1 and "amk_prof" in prof  # + its definition
+    # the profile build is the plain kernel plus lines: nothing of it is changed or dropped,
+    # but for the mark comments, which become the marks
+    filled = re.sub(r"^(\s*)// @mark (\d)$", r"\1prof_mark(\2);", plain, flags=re.M)
     it = iter(prof.splitlines())
-    assert all(any(line == p for p in it) for line in plain.splitlines())
+    assert all(
+        any(line == p for p in it) for line in filled.splitlines() if line != "// @profile-defs"
+    )
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
     from compiler.codegen.nvcc import compile_cubin

@@ -19,6 +19,7 @@ using bf16x8 = uint4;  // 8 bf16 = one 16-byte load
 using u64 = unsigned long long;
 using i64 = long long;
 using counter_ref = cuda::atomic_ref<u64, cuda::thread_scope_device>;
+// @profile-defs
 
 static_assert(THREADS % 32 == 0 && NWARPS == THREADS / 32, "whole warps");
 constexpr int BLOCK_THREADS = THREADS + 32;  // the consumers, then the producer warp
@@ -511,6 +512,7 @@ __device__ __forceinline__ void matvec_fma(int nrows, const float* src, int ld,
     const int n = K - k0 < CHUNK ? K - k0 : CHUNK;
     stage(xs, CHUNK, src, ld, k0, n, rstd, norm_w);
     cta_sync();
+    // @mark 1
     for (int v0 = 0; v0 < nrows; v0 += NWARPS) {
       const int v = v0 + warp_id();  // warp-uniform
       float acc[B];
@@ -540,6 +542,7 @@ __device__ __forceinline__ void matvec_fma(int nrows, const float* src, int ld,
     }
     cta_sync();
   }
+  // @mark 2
 }
 
 // mma consumer (see above); red: NWARPS * NB * 128 floats. The accumulators of every row block
@@ -569,6 +572,7 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
     if (k0 > 0) cta_sync();  // every warp is done with the previous chunk's inputs
     stage_mma(xs4, src, ld, k0, n, rstd, norm_w);
     cta_sync();
+    // @mark 1
 #pragma unroll
     for (int rb = 0; rb < NRB; ++rb) {
       if (rb >= blocks) break;
@@ -593,6 +597,7 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
       }
     }
   }
+  // @mark 2
   // each row block's accumulators, warp by warp; then y[v][b] = the warps' parts in order
 #pragma unroll
   for (int rb = 0; rb < NRB; ++rb) {
@@ -612,6 +617,7 @@ __device__ __forceinline__ void matvec_mma(int nrows, const float* src, int ld,
     }
     cta_sync();
   }
+  // @mark 3
 }
 
 // part[v][b] = row(v)[0:K] . xin[b][0:K] for v < nrows (row: for the producer; the consumers
@@ -624,6 +630,7 @@ __device__ __forceinline__ void matvec(int nrows, const float* src, int ld, cons
   float* rstd = scratch + NWARPS;
   float* red = rstd + B;
   if (norm_w != nullptr) rms_rstd<K>(src, rstd, scratch);
+  // @mark 0
   if constexpr (MMA)
     matvec_mma<K>(nrows, src, ld, norm_w, rstd, red, sm, r);
   else
@@ -668,6 +675,7 @@ __device__ __forceinline__ void attn_keys(const float* qs, const bf16* kc, const
       if (live) softmax_push(m[h], l[h], o[h], s, v);
     }
   }
+  // @mark 1
 }
 
 // merge the KPW key slots of the warp (xor over the slot bits of the lane); slot 0 keeps the result
@@ -684,6 +692,7 @@ __device__ __forceinline__ void attn_merge_slots(float (&m)[G], float (&l)[G], f
       softmax_merge(m[h], l[h], o[h], m2, l2, o2);
     }
   }
+  // @mark 2
 }
 
 // merge one head's per-warp states (slot 0 of each warp) over warps 0..NWARPS-1 in order and store
@@ -711,4 +720,5 @@ __device__ __forceinline__ void attn_merge_warps(float* ws, float m, float l, co
     if (el == 0) *m_out = mx, *l_out = ld;
   }
   cta_sync();
+  // @mark 3
 }

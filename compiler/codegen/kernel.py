@@ -23,6 +23,7 @@ emitted, so the timed kernel carries nothing of it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from compiler.codegen.device import function_name, render_device, streams_weights
@@ -48,10 +49,18 @@ profile build: the host points amk_prof at PROF_WORDS u64 words, zeroed before e
   [id * 4 + 0..3]                consumer thread 0 of task id: start, counter waits done, end
                                  (after its signal), and the SM it ran on (%smid)
   [NTASKS * 4 + id * 2 + 0..1]   producer lane 0: start and end of issuing the task's weights
+  [NTASKS * 6 + id * 4 + 0..3]   marks inside the task body (0: not reached), amk.cuh's
+                                 `// @mark k` lines: 0 matvec: RMSNorm statistics done (or
+                                 matvec entered); 1 matvec: the last input chunk staged,
+                                 attention: a batch row's keys folded; 2 matvec: every weight
+                                 slot consumed, attention: key slots merged in each warp;
+                                 3 mma matvec: the warps' sums reduced, attention: the warps
+                                 merged (each mark the last time the task reached it)
 stamps are %globaltimer nanoseconds of the last step the launch ran"""
-PROFILE_DEFS = """\
-constexpr int PROF_WORDS = NTASKS * 6;
+# amk.cuh's `// @profile-defs` line becomes these in the profile build (before any mark)
+PROFILE_EARLY = """\
 __device__ u64* amk_prof;  // PROF_WORDS words, set by the host (profile build only)
+__device__ u64 amk_marks[SM_COUNT * 4];  // per CTA: the marks of the task it is running
 __device__ __forceinline__ u64 prof_now() {
   u64 t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
@@ -61,7 +70,22 @@ __device__ __forceinline__ unsigned prof_smid() {
   unsigned s;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
   return s;
+}
+__device__ __forceinline__ void prof_mark(int k) {
+  if (threadIdx.x == 0) amk_marks[blockIdx.x * 4 + k] = prof_now();
 }"""
+PROFILE_DEFS = "constexpr int PROF_WORDS = NTASKS * 10;"
+MARK = re.compile(r"^(\s*)// @mark (\d)$", re.M)
+
+
+def prelude(profile: bool) -> str:
+    """amk.cuh as pasted into kernel.cu: verbatim, or with its profile lines filled in."""
+    text = PRELUDE.read_text()
+    if not profile:
+        return text
+    return MARK.sub(r"\1prof_mark(\2);", text.replace("// @profile-defs", PROFILE_EARLY))
+
+
 ENTRY = f"""\
 {KERNEL_NAME}(p, steps, pos0, step0): runs `steps` decode steps at positions pos0 ..
 pos0+steps-1; step0 = the steps this counter array has already run. Each step embeds token[b],
@@ -168,6 +192,8 @@ def _kernel(e: Emitter, profile: bool) -> None:
                 e.line("wait_task(p.counters, t, WAITS, PER_STEP, gstep);")
                 if profile:
                     e.line("const u64 t1 = prof_now();")
+                    e.line("if (threadIdx.x == 0)")
+                    e.line("  for (int k = 0; k < 4; ++k) amk_marks[blockIdx.x * 4 + k] = 0;")
                 with e.block("switch (t.op)"):
                     for k in OPS:
                         e.line(
@@ -179,6 +205,10 @@ def _kernel(e: Emitter, profile: bool) -> None:
                     with e.block("if (threadIdx.x == 0 && step == steps - 1)"):
                         e.line("u64* r = amk_prof + id * 4;")
                         e.line("r[0] = t0, r[1] = t1, r[2] = prof_now(), r[3] = prof_smid();")
+                        e.line("for (int k = 0; k < 4; ++k)")
+                        e.line(
+                            "  amk_prof[NTASKS * 6 + id * 4 + k] = amk_marks[blockIdx.x * 4 + k];"
+                        )
 
 
 def render_kernel(fg: FusedGraph, sched: Schedule, profile: bool = False) -> str:
@@ -206,7 +236,7 @@ def render_kernel(fg: FusedGraph, sched: Schedule, profile: bool = False) -> str
     _header(e, fg, sched)
     render_dims(e, dims)
     e.blank()
-    e.raw(PRELUDE.read_text())
+    e.raw(prelude(profile))
     e.blank()
     render_params(e, fg)
     e.blank()

@@ -66,7 +66,7 @@ print("name | kernel ms | profile build ms | cost | predicted ms | step us (prof
 for name, r in rows:
     a, ct = r["profile"], r["profile"]["cta_time"]
     print(f"{name} | {r['kernel_ms']:.3f} | {r['profile_build_ms']:.3f} | {100 * r['instrumentation_cost']:+.1f}% | "
-          f"{r['schedule_report']['predicted_ms']:.3f} | {a['step_us']:.1f} | {a['median_hop_us']:.2f} | "
+          f"{r['schedule_report']['predicted_ms']:.3f} | {a['step_us']:.1f} | {a['median_hop_us']} | "
           f"{100 * ct['busy']:.0f}/{100 * ct['wait']:.0f}/{100 * ct['idle']:.0f}")
 print(json.dumps(rows[0][1]["versions"]) if rows else "")
 EOF

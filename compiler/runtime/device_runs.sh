@@ -7,7 +7,8 @@
 # Builds run in parallel (sm_90a, artifacts under /tmp/amk-art/NAME, kept between warm calls);
 # then `smoke correct` on CORRECT (tokens against bf16, float32, one launch == N launches),
 # memcheck of a few decode steps of each of MEMCHECK, `smoke time` on TIME at the KV lengths KV (kernel only, median of 100, side by side in one
-# process), and `amk-farm bench NAME --kv KV --json` on each of BENCH (both baselines), in that
+# process), `amk-farm profile` on each NAME@KV of PROFILE, and `amk-farm bench NAME --kv KV
+# --json` on each of BENCH (both baselines), in that
 # order; logs and JSON land in OUT. Runs from the checkout (PYTHONPATH=.) with the service
 # libraries' wheels from .whl/ (see device_profile.sh).
 set -uo pipefail
@@ -56,6 +57,12 @@ if [[ -n ${TIME:-} ]]; then
     python3 -m compiler.runtime.smoke time $(paths $TIME) --kv "${KV:-128}" 2>&1 |
         tee "$out/time.log" | grep -v "^W[0-9]"
 fi
+for spec in ${PROFILE:-}; do
+    n=${spec%%@*} kv=${spec#*@}
+    echo "--- profile $n (KV $kv)"
+    python3 -c 'from amk_farm.cli import main; main()' profile "$(art "$n")" --kv "$kv" \
+        -o "$out/$n-$kv.trace.json" --force 2>&1 | tee "$out/profile-$n-$kv.log" | tail -40
+done
 for n in ${BENCH:-}; do
     echo "--- bench $n (KV ${KV:-128,2048})"
     python3 -c 'from amk_farm.cli import main; main()' bench "$(art "$n")" --kv "${KV:-128,2048}" \

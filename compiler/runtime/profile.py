@@ -30,7 +30,7 @@ from compiler.ir.fused import FusedGraph
 from compiler.runtime.bench import copy_bandwidth, time_calls, versions
 from compiler.runtime.launch import CudaLauncher, RuntimeUnavailable
 from compiler.runtime.session import Session
-from compiler.runtime.timeline import Timeline, analyse
+from compiler.runtime.timeline import WORDS, Timeline, analyse
 from compiler.schedule.schedule import Schedule
 
 
@@ -88,7 +88,7 @@ def run(
     cubin = build(artifact, work)
     log(f"profile build: {cubin}")
     prof = Session(artifact, cubin=cubin, reference=plain.model)
-    n = len(prof.schedule.tasks) * 6  # PROF_WORDS
+    n = len(prof.schedule.tasks) * WORDS  # PROF_WORDS
     words = torch.zeros(n, dtype=torch.int64, device=prof.device)
     assert isinstance(prof.launcher, CudaLauncher)
     prof.launcher.set_pointer("amk_prof", words.data_ptr())

@@ -6,14 +6,18 @@ here is plain numpy over those arrays, so it runs (and is tested) without a GPU.
 
 Per task, in global-timer nanoseconds: `start` (consumer thread 0 reaches the task), `waited`
 (its counter waits hold and the consumers have met), `end` (its signal is issued), and for tasks
-that stream weights, the producer warp's `pstart`/`pend` of issuing them. The step runs from the
-first CTA's first start to the last CTA's last end.
+that stream weights, the producer warp's `pstart`/`pend` of issuing them, and up to four `marks`
+inside the task body (PROFILE_DOC: RMSNorm done, inputs staged, weights consumed, sums reduced;
+attention: keys folded, slots merged, warps merged). The step runs from the first CTA's first
+start to the last CTA's last end.
 
 * **wait**: waited - start, by kind and by layer: time a CTA sat on counters.
 * **hop**: waited - (latest end of the task's same-step predecessors): how long a finished
   dependency takes to reach its consumer and get it going (report.dependencies).
 * **idle**: per CTA, the step's span minus its tasks' spans.
 * **phases**: per (layer, kind), bytes over the span from the first `waited` to the last `end`.
+* **segments**: per kind, the median time from `waited` to the first mark it reaches, from
+  each mark to the next, and from the last to `end` (the epilogue and the signal).
 * **critical path** of one layer: from the layer's last-ending task back through, at each task,
   the predecessor that ended last.
 """
@@ -46,6 +50,8 @@ COLOURS: dict[Kind, tuple[int, int, int]] = {
     Kind.ARGMAX_REDUCE: (0, 0, 0),
 }
 WAIT_GREY = (200, 200, 200)
+MARKS = 4  # marks a task body can reach (PROFILE_DOC)
+WORDS = 6 + MARKS  # stamp words per task: PROF_WORDS = NTASKS * WORDS
 
 
 class ProfileError(ValueError):
@@ -64,13 +70,14 @@ class Timeline:
     pend: np.ndarray
     cta: np.ndarray  # the queue (CTA) of each task
     span: float  # step time
+    marks: np.ndarray  # [tasks, MARKS]: marks inside the body, NaN where not reached
 
     @classmethod
     def from_stamps(cls, words: np.ndarray, sched: Schedule) -> Timeline:
         n = len(sched.tasks)
         words = np.asarray(words, dtype=np.uint64)
-        if words.shape != (n * 6,):
-            raise ProfileError(f"{words.shape[0]} stamp words for {n} tasks (6 a task)")
+        if words.shape != (n * WORDS,):
+            raise ProfileError(f"{words.shape[0]} stamp words for {n} tasks ({WORDS} a task)")
         cons = words[: n * 4].reshape(n, 4)
         if (cons[:, :3] == 0).any():
             missing = int(np.flatnonzero((cons[:, :3] == 0).any(axis=1))[0])
@@ -85,6 +92,8 @@ class Timeline:
         for q, ids in enumerate(sched.queues):
             cta[list(ids)] = q
         end = us(cons[:, 2])
+        raw = words[n * 6 :].reshape(n, MARKS)
+        marks = np.where(raw != 0, us(raw), np.nan)
         return cls(
             us(cons[:, 0]),
             us(cons[:, 1]),
@@ -94,7 +103,23 @@ class Timeline:
             pend,
             cta,
             float(end.max()),
+            marks,
         )
+
+
+def segments(tl: Timeline) -> np.ndarray:
+    """[tasks, MARKS + 1]: from `waited` to the first mark reached, from each mark to the next
+    reached (at the later mark's column), and from the last to `end` (column MARKS); NaN where a
+    mark was not reached."""
+    n = len(tl.end)
+    out = np.full((n, MARKS + 1), np.nan)
+    for i in range(n):
+        prev = tl.waited[i]
+        for k in range(MARKS):
+            if not np.isnan(tl.marks[i, k]):
+                out[i, k], prev = tl.marks[i, k] - prev, tl.marks[i, k]
+        out[i, MARKS] = tl.end[i] - prev
+    return out
 
 
 def hops(tl: Timeline, sched: Schedule) -> np.ndarray:
@@ -136,6 +161,11 @@ def _median(a: np.ndarray) -> float:
     return float(np.median(a)) if a.size else float("nan")
 
 
+def _rounded(x: float) -> float | None:
+    """JSON has no NaN: an unreached segment is None."""
+    return None if np.isnan(x) else round(x, 2)
+
+
 def analyse(
     tls: list[Timeline], fg: FusedGraph, sched: Schedule, kv_len: int, bandwidth: float
 ) -> dict[str, Any]:
@@ -150,6 +180,7 @@ def analyse(
     wait = np.median([tl.waited - tl.start for tl in tls], axis=0)
     busy = np.median([tl.end - tl.waited for tl in tls], axis=0)
     hop = np.median([hops(tl, sched) for tl in tls], axis=0)
+    seg = np.median([segments(tl) for tl in tls], axis=0)
     by_kind = {}
     for k in dict.fromkeys(kinds):
         m = kinds == k
@@ -157,8 +188,9 @@ def analyse(
             "tasks": int(m.sum()),
             "wait_us": round(float(wait[m].sum()), 1),
             "busy_us": round(float(busy[m].sum()), 1),
-            "median_hop_us": round(_median(hop[m]), 2),
+            "median_hop_us": _rounded(_median(hop[m])),
             "median_task_us": round(float(np.median(busy[m])), 2),
+            "segments_us": [_rounded(_median(seg[m, k])) for k in range(MARKS + 1)],
         }
     by_layer = {int(lay): round(float(wait[layers == lay].sum()), 1) for lay in sorted(set(layers))}
     tasks_us = float(np.median([(tl.end - tl.start).sum() for tl in tls]))
@@ -206,7 +238,7 @@ def analyse(
         },
         "by_kind": by_kind,
         "wait_by_layer_us": by_layer,
-        "median_hop_us": round(_median(hop), 2),
+        "median_hop_us": _rounded(_median(hop)),
         "phases": phase_rows,
         "critical_path": {"layer": int(mid), "tasks": crit,
                           "us": round(float(tl.end[path[-1]] - tl.start[path[0]]), 2) if path else 0.0},
@@ -263,6 +295,10 @@ def chrome_trace(tl: Timeline, sched: Schedule) -> dict[str, Any]:
                     "dur": float(tl.waited[i] - tl.start[i]),
                 }
             )
+        for k in range(MARKS):
+            if not np.isnan(tl.marks[i, k]):
+                ev.append({"ph": "i", "s": "t", "pid": 0, "tid": q, "name": f"mark {k}",
+                           "cat": "mark", "ts": float(tl.marks[i, k])})  # fmt: skip
         if not np.isnan(tl.pstart[i]):
             ev.append(
                 {
@@ -324,6 +360,10 @@ def legend() -> str:
     )
 
 
+def _us(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def summary(a: dict[str, Any]) -> str:
     """`analyse`'s result for a terminal."""
     ct = a["cta_time"]
@@ -332,12 +372,18 @@ def summary(a: dict[str, Any]) -> str:
         f"{a['achieved_tbps']:.2f} TB/s; floor {a['floor_us']:.1f} us",
         f"CTA time: busy {100 * ct['busy']:.1f}%, waiting on counters {100 * ct['wait']:.1f}%, "
         f"idle {100 * ct['idle']:.1f}%; median hop (dependency done -> consumer going) "
-        f"{a['median_hop_us']:.2f} us; timer tick {a['timer_resolution_ns']} ns",
+        f"{_us(a['median_hop_us'])} us; timer tick {a['timer_resolution_ns']} ns",
         "by kind: tasks, wait us, busy us (summed over CTAs), median hop, median task:",
     ]
     for k, v in a["by_kind"].items():
         lines.append(f"  {k:16} {v['tasks']:6d} {v['wait_us']:10.1f} {v['busy_us']:10.1f} "
-                     f"{v['median_hop_us']:7.2f} {v['median_task_us']:7.2f}")  # fmt: skip
+                     f"{_us(v['median_hop_us']):>7} {v['median_task_us']:7.2f}")  # fmt: skip
+    lines.append(
+        "task body, median us: waited > mark 0 > 1 > 2 > 3 > end (PROFILE_DOC; - unreached):"
+    )
+    for k, v in a["by_kind"].items():
+        segs = v.get("segments_us", [])
+        lines.append(f"  {k:16} " + " ".join("     -" if x is None else f"{x:6.2f}" for x in segs))
     lay = a["wait_by_layer_us"]
     vals = [v for k, v in lay.items() if int(k) >= 0]
     if vals:
