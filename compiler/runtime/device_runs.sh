@@ -10,7 +10,8 @@
 # process), `amk-farm profile` on each NAME@KV of PROFILE, and `amk-farm bench NAME --kv KV
 # --json` on each of BENCH (both baselines), in that
 # order; logs and JSON land in OUT. Runs from the checkout (PYTHONPATH=.) with the service
-# libraries' wheels from .whl/ (see device_profile.sh).
+# libraries' wheels from .whl/ (see device_profile.sh). A build NAME%PATCH compiles from a copy of
+# the checkout with .exp/PATCH.patch applied (an experiment; run it with the checkout's runtime).
 set -uo pipefail
 out=$1
 mkdir -p "$out" /tmp/amk-art
@@ -23,15 +24,25 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
     --format=csv,noheader
 art() { echo "/tmp/amk-art/$1"; }
 pids=()
+tree() {  # the checkout, or for NAME%PATCH a copy of it with .exp/PATCH.patch applied
+    local patch=${1#*%}
+    [[ $patch == "$1" ]] && { echo "$PWD"; return; }
+    if [[ ! -d /tmp/tree-$patch ]]; then
+        mkdir -p "/tmp/tree-$patch" && cp -r compiler amk_farm verifier workers "/tmp/tree-$patch" &&
+            patch -s -d "/tmp/tree-$patch" -p1 <".exp/$patch.patch" >&2 || return 1
+    fi
+    echo "/tmp/tree-$patch"
+}
 for spec in ${BUILD:-}; do
     IFS=: read -r name model template opts <<<"$spec"
+    src=$(tree "$name") || { echo "no tree for $name"; continue; }
     args=()
     if [[ -n ${opts:-} ]]; then
         IFS=, read -ra kvs <<<"$opts"
         for o in "${kvs[@]}"; do args+=(--option "$o"); done
     fi
     rm -rf "$(art "$name")"
-    (python3 -c 'from amk_farm.cli import main; main()' compile "$model" -t "$template" \
+    (PYTHONPATH=$src:/tmp/site python3 -c 'from amk_farm.cli import main; main()' compile "$model" -t "$template" \
         --arch sm_90a -o "$(art "$name")" "${args[@]}" >/dev/null 2>"$out/$name.compile.log" &&
         echo "built $name") &
     pids+=($!)
