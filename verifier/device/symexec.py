@@ -15,7 +15,10 @@ SMT query over that symbolic element, every batch row and position:
 * disjoint: two different iterations never store the same element, nor does one store an
   element another loads (so "every i in [0, N) stores its values" is the loop's effect, whatever
   the threads' interleaving), nor do two stores of one iteration overlap;
-* no trap: a `__trap()` is unreachable for valid inputs (every token in [0, V)).
+* no trap: a `__trap()` is unreachable for valid inputs (every token in [0, V));
+* float safety (ATTN_MERGE): every exponent the kernel takes is <= 0 (a rescale never
+  overflows). Over the reals the merge's value does not depend on the maximum it subtracts, so
+  this is the query that holds the maximum to be one.
 
 Terms are layer-free (arrays by role), so one proof covers every layer and the proof cache shares
 them. Anything the executor does not model fails as an obligation naming the device function and
@@ -53,7 +56,7 @@ from verifier.fused_terms import Fused, index_vars
 from verifier.graph_terms import unflatten
 from verifier.model import Geometry
 from verifier.obligation import Obligation
-from verifier.terms import Aff, Term, smt_aff, smt_cond
+from verifier.terms import Aff, Term, smt, smt_aff, smt_cond
 
 # how each kind's task params (schedule.py) are made symbolic: "range": (a, b) a tile
 # [a, a + n) of width n; "index": a alone
@@ -63,6 +66,7 @@ LOOP_KINDS: dict[Kind, str] = {
     Kind.ATTN_MERGE: "index",
 }
 INT_ARRAYS = ("token",)  # integer inputs and their valid range [0, V)
+SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
 
 
 def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
@@ -149,6 +153,8 @@ def _task(
         out.append(_finding(where, f.line, f"{name} stores nothing"))
     for s in stores:
         out += _value(s, ex, bind, fused, g, instr, where, ranges)
+        if instr.kind in SAFE_EXP and isinstance(s.value, Real):
+            out += _rescales(s, where, ranges, g)
     for loop in ex.strided:
         out.append(_disjoint(loop, ex.stores, ex.loads, where, ranges, g))
     for trap in ex.traps:
@@ -242,6 +248,35 @@ def _disjoint(
         f"(assert (or false {' '.join(bad)}))\n",
         data={"mode": "device", "why": f"two iterations of the loop at line {loop.line} overlap"},
     )
+
+
+def _rescales(
+    s: Store, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
+) -> list[Obligation]:
+    args = [x[2] for x in _walk(s.value.term) if isinstance(x, tuple) and x[:2] == ("f", "exp")]
+    if not args:
+        return []
+    reals = {
+        x[1]: len(x[2]) for x in _walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)
+    }
+    facts = _int_decls((s.offset, s.guard, *args), ranges) + _int_ranges(tuple(args), g)
+    facts += "".join(
+        f"(declare-fun {a} ({' '.join(['Int'] * k)}) Real)\n" for a, k in sorted(reals.items())
+    )
+    if s.guard != TRUE:
+        facts += f"(assert {smt_cond(s.guard, {})})\n"
+    bad = " ".join(f"(> {smt(a)} 0.0)" for a in dict.fromkeys(args))
+    return [
+        Obligation(
+            "f",
+            f"{s.function}: every rescale exponent is <= 0 (exp never overflows)",
+            -1,
+            f"{where}, the store at kernel.cu line {s.line}",
+            facts,
+            f"(assert (or {bad}))\n",
+            data={"mode": "device", "why": f"an exponent of the store at line {s.line} may be > 0"},
+        )
+    ]
 
 
 def _no_trap(
