@@ -291,6 +291,19 @@ def test_numeric_literals():
     assert isinstance(neg, Unary) and neg.operand == Num(1, 1, "1u")
 
 
+def test_float_tables_and_multiline_rows(fma):
+    u = parse(fma, 900)
+    decls = {it.declarators[0].name: it for it in u.items if isinstance(it, Decl)}
+    freq = decls["INV_FREQ"].declarators[0].init
+    assert isinstance(freq, BraceInit) and len(freq.items) == 32
+    assert freq.items[0] == Num(freq.line + 1, 1.0, "1e+00f")
+    assert decls["INV_FREQ"].qualifiers == ("__device__", "constexpr")
+    queue_off = decls["QUEUE_OFF"].declarators[0].init
+    assert isinstance(queue_off, BraceInit) and len(queue_off.items) == 133  # SM_COUNT + 1
+    assert queue_off.items[16] == Num(queue_off.line + 2, 16, "16")  # second row of the table
+    assert decls["EPS"].declarators[0].init == Num(decls["EPS"].line, 1e-05, "1e-05f")
+
+
 def test_arch_of_cubin():
     assert arch_of_cubin("kernel.sm_90a.cubin") == 900
     assert arch_of_cubin("kernel.sm_80.cubin") == 800
@@ -331,6 +344,9 @@ def _insert_after(text: str, needle: str, new: str) -> tuple[str, int]:
         ("#pragma once", "#pragma once"),
         ("  x = y @ z;", "'@'"),
         ("  union { int a; float b; } u;", "union"),
+        ("  cudaStream_t s = 0;", "'cudaStream_t' is not a type"),
+        ("  x = {1, 2;", "expected ',' or '}'"),
+        ("  for (int i : idx) {}", "expected ';', found ':'"),
     ],
 )
 def test_unsupported_constructs_name_their_line(fma, new, found):
