@@ -4,24 +4,26 @@
 dims, `using`, `static_assert`, structs with fields and inline methods, `enum Op : unsigned
 short {..}`, `__device__ const` tables, `__device__` functions and templates, and the one
 `extern "C" __global__` kernel. `source.tokenize` has already dropped comments and resolved
-`#if __CUDA_ARCH__` for `arch`; `expr.py` reads expressions. Every node keeps the kernel.cu
-line of its first token; anything outside the subset is a `ParseError("kernel.cu line N:
-...")` naming the line and what was found there, never skipped.
+`#if __CUDA_ARCH__` for `arch`; `cursor.py` knows the type names and reads types, `expr.py`
+expressions, `stmt.py` statements and declarations, this file the top level. Every node keeps
+the kernel.cu line of its first token; anything outside the subset is a `ParseError("kernel.cu
+line N: ...")` naming the line and what was found there, never skipped.
 
 Templates. `a < b` and `f<K>(x)` look alike; the rule: a name followed by `<` opens template
 arguments only if it is a template known at that point: a function declared with
 `template <...>` earlier in kernel.cu, a C++ cast (`static_cast` and its kin), or a template
 type of the toolkit the subset allows (`cuda::atomic_ref`). Everywhere else `<` is less-than.
 kernel.cu declares its templates before their use (C++ demands as much), so the rule reads it
-as nvcc does.
+as nvcc does. Inside template arguments the first `>` outside parentheses closes them, and a
+`>>` closing two lists is split in two.
 
 Why kernel.cu, not PTX or SASS. A counterexample must name something a person can fix: a
 device function and a kernel.cu line of code we generate, not a register in a listing of tens
-of thousands of instructions. The code is ours and small (one file, a few hundred lines of
-device code in a fixed subset), so a parser for exactly that subset is cheap and refuses the
-rest. What runs is tied to what was read by `verifier.provenance`, which recompiles kernel.cu
-with nvcc and compares the cubin: nvcc and ptxas stay trusted, as the CUDA toolkit's headers
-(`Unit.includes`) are.
+of thousands of instructions. The code is ours and small (one file, about a thousand lines of
+device code in a fixed subset, most of it amk.cuh), so a parser for exactly that subset is
+cheap, and it refuses the rest. What runs is tied to what was read by `verifier.provenance`,
+which recompiles kernel.cu with nvcc and compares the cubin's sha256 with the artifact's: nvcc
+and ptxas stay trusted, as the CUDA toolkit's headers (`Unit.includes`) are.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ class Parser(StmtParser):
             if self.tok in ("class", "typename"):
                 self.i += 1
                 name = self.ident("a template parameter name")
+                if name in self.types:
+                    raise self.error(f"template parameter {name} hides a type", self.i - 1)
                 self.types.add(name)  # a type inside this template (dropped after it)
                 default: Expr | Type | None = self.type_() if self.accept("=") else None
                 out.append(TemplateParam(line, "class", name, default))
