@@ -55,7 +55,8 @@ def kernels() -> dict[str, str]:
     fg = layout(catalog.resolve("tiny-llama"))
     out = {}
     for name, (opts, profile) in VARIANTS.items():
-        sched = build_schedule(fg, ShapeTemplate.parse("b2-s64"), Options(**opts))  # type: ignore[arg-type]
+        options = Options(**opts)  # type: ignore[arg-type]
+        sched = build_schedule(fg, ShapeTemplate.parse("b2-s64"), options)
         out[name] = render_kernel(fg, sched, profile=profile)
     return out
 
@@ -90,7 +91,8 @@ def asm_templates(f: Function) -> list[str]:
 # ---- whole kernels ----------------------------------------------------------------------------
 
 _DEFINITION = re.compile(
-    r"\b(?:__device__|__global__)\b[^;{}=\[]*?\b(?!__launch_bounds__\b)([A-Za-z_]\w*)\s*\([^;{]*\)\s*\{"
+    r"\b(?:__device__|__global__)\b[^;{}=\[]*?"  # qualifiers and the return type
+    r"\b(?!__launch_bounds__\b)([A-Za-z_]\w*)\s*\([^;{]*\)\s*\{"  # name(params) {
 )
 
 
@@ -190,7 +192,8 @@ def test_declarations_and_expressions(fma):
     casts = [n for n in walk(u.function("ld_weight8").body) if isinstance(n, Cast)]
     assert casts[0].kind == "reinterpret_cast" and casts[0].type.text == "const bf16x8*"
     tmpl = [n for n in walk(u.function("matvec").body) if isinstance(n, Call) and n.template_args]
-    assert [n.func.id for n in tmpl] == ["rms_rstd", "matvec_mma", "matvec_fma"]  # type: ignore[union-attr]
+    callees = [n.func.id for n in tmpl]  # type: ignore[union-attr]
+    assert callees == ["rms_rstd", "matvec_mma", "matvec_fma"]
     assert u.function("load_matvec").template[1].kind == "class"
     inits = [n for n in walk(u.function("warp_argmax").body) if isinstance(n, BraceInit)]
     assert inits and inits[0].type is None and len(inits[0].items) == 2
@@ -212,7 +215,8 @@ def test_lines_are_the_first_token_lines(fma):
     lines = fma.splitlines()
     cta = u.function("cta_sync")
     assert cta.line == line_of(fma, "void cta_sync()")
-    assert cta.body.body[0].line == line_of(fma, 'asm volatile("bar.sync 1, %0;"')  # type: ignore[union-attr]
+    first = cta.body.body[0]  # type: ignore[union-attr]
+    assert first.line == line_of(fma, 'asm volatile("bar.sync 1, %0;"')
     assert (
         u.function("group_sum").line
         == line_of(fma, "__device__ __forceinline__ float group_sum") - 1
@@ -291,6 +295,19 @@ def test_numeric_literals():
     assert isinstance(neg, Unary) and neg.operand == Num(1, 1, "1u")
 
 
+def test_float_tables_and_multiline_rows(fma):
+    u = parse(fma, 900)
+    decls = {it.declarators[0].name: it for it in u.items if isinstance(it, Decl)}
+    freq = decls["INV_FREQ"].declarators[0].init
+    assert isinstance(freq, BraceInit) and len(freq.items) == 32
+    assert freq.items[0] == Num(freq.line + 1, 1.0, "1e+00f")
+    assert decls["INV_FREQ"].qualifiers == ("__device__", "constexpr")
+    queue_off = decls["QUEUE_OFF"].declarators[0].init
+    assert isinstance(queue_off, BraceInit) and len(queue_off.items) == 133  # SM_COUNT + 1
+    assert queue_off.items[16] == Num(queue_off.line + 2, 16, "16")  # second row of the table
+    assert decls["EPS"].declarators[0].init == Num(decls["EPS"].line, 1e-05, "1e-05f")
+
+
 def test_arch_of_cubin():
     assert arch_of_cubin("kernel.sm_90a.cubin") == 900
     assert arch_of_cubin("kernel.sm_80.cubin") == 800
@@ -331,6 +348,9 @@ def _insert_after(text: str, needle: str, new: str) -> tuple[str, int]:
         ("#pragma once", "#pragma once"),
         ("  x = y @ z;", "'@'"),
         ("  union { int a; float b; } u;", "union"),
+        ("  cudaStream_t s = 0;", "'cudaStream_t' is not a type"),
+        ("  x = {1, 2;", "expected ',' or '}'"),
+        ("  for (int i : idx) {}", "expected ';', found ':'"),
     ],
 )
 def test_unsupported_constructs_name_their_line(fma, new, found):

@@ -61,9 +61,15 @@ class Cursor:
     def line(self) -> int:
         return self.lines[self.i]
 
+    def at_brace(self) -> bool:
+        """At a `{` or a `nums` token (a brace list of integers, see source.py)."""
+        return self.texts[self.i][:1] == "{"
+
     def error(self, what: str, at: int | None = None) -> ParseError:
         j = self.i if at is None else at
         found = self.texts[j] if self.kinds[j] != "pragma" else "#pragma " + self.texts[j]
+        if len(found) > 40:
+            found = found[:37] + "..."
         return ParseError(f"kernel.cu line {self.lines[j]}: {what}, found '{found}'")
 
     def expect(self, text: str) -> int:

@@ -9,6 +9,8 @@ that is not unsigned is folded into it (`-1`, `-1.25e-01f` are one `Num`), as ta
 
 from __future__ import annotations
 
+import re
+
 from verifier.device.cursor import Cursor, words
 from verifier.device.nodes import (
     Assign,
@@ -56,6 +58,7 @@ ASSIGN_OPS = words("= += -= *= /= %= ^= |= &= <<= >>=")
 PREFIX_OPS = words("- + ! ~ * & ++ --")
 CASTS = frozenset(("static_cast", "reinterpret_cast", "const_cast"))
 LITERAL_NAMES = frozenset(("true", "false", "nullptr", "this"))
+_ROW_ITEM = re.compile(r"-?\d+|\n")
 _ITEM_END = frozenset((",", "}"))
 _POSTFIX = frozenset(("(", "[", ".", "->", "++", "--"))
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
@@ -112,7 +115,7 @@ class ExprParser(Cursor):
         op = self.texts[self.i]
         if op in ASSIGN_OPS and self.kinds[self.i] == "op":
             self.i += 1
-            value = self.brace(None) if self.texts[self.i] == "{" else self.assign()
+            value = self.brace(None) if self.at_brace() else self.assign()
             return Assign(e.line, op, e, value)
         return e
 
@@ -202,7 +205,7 @@ class ExprParser(Cursor):
         out: list[Expr] = []
         if self.texts[self.i] != ")":
             while True:
-                out.append(self.brace(None) if self.texts[self.i] == "{" else self.assign())
+                out.append(self.brace(None) if self.at_brace() else self.assign())
                 if not self.accept(","):
                     break
         self.no_gt = outer
@@ -232,7 +235,7 @@ class ExprParser(Cursor):
             return e
         if tx == "[" and kind == "op":
             return self.lambda_()
-        if tx == "{" and kind == "op":
+        if self.at_brace():
             return self.brace(None)
         if kind != "id" and tx != "::":
             raise self.error("expected an expression")
@@ -252,7 +255,7 @@ class ExprParser(Cursor):
             return Name(line, tx)
         if self.starts_type(i):
             ty = self.type_()
-            if self.texts[self.i] == "{":
+            if self.at_brace():
                 return self.brace(ty)
             if self.texts[self.i] == "(":
                 return Call(line, Name(line, ty.text), self.args())
@@ -288,7 +291,10 @@ class ExprParser(Cursor):
 
     def brace(self, ty: Type | None) -> BraceInit:
         """`{a, b, {c, d}, ...}`; numeric items are read without the expression ladder, so that
-        a table of tens of thousands of entries parses in about a second."""
+        a table of tens of thousands of entries parses in about a second; a `nums` token (a
+        brace list of integers only, see source.py) becomes its `Num`s directly."""
+        if self.kinds[self.i] == "nums":
+            return self.num_row(ty)
         line = self.expect("{")
         t, k, lines = self.texts, self.kinds, self.lines
         outer, self.no_gt = self.no_gt, False
@@ -300,7 +306,7 @@ class ExprParser(Cursor):
                 self.i += 1
             elif t[i] == "-" and k[i + 1] == "num" and t[i + 2] in _ITEM_END:
                 items.append(self.unary())
-            elif t[i] == "{":
+            elif t[i][:1] == "{":
                 items.append(self.brace(None))
             else:
                 items.append(self.assign())
@@ -311,6 +317,18 @@ class ExprParser(Cursor):
         self.i += 1
         self.no_gt = outer
         return BraceInit(ty.line if ty else line, ty, tuple(items))
+
+    def num_row(self, ty: Type | None) -> BraceInit:
+        i = self.i
+        self.i += 1
+        line = first = self.lines[i]
+        items: list[Expr] = []
+        for tok in _ROW_ITEM.findall(self.texts[i]):
+            if tok == "\n":
+                line += 1
+            else:
+                items.append(Num(line, int(tok), tok))
+        return BraceInit(ty.line if ty else first, ty, tuple(items))
 
     def lambda_(self) -> Lambda:
         line = self.expect("[")
