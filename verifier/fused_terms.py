@@ -176,6 +176,17 @@ class Fused:
             b, i = idx
             chunk = self.var(g.KS)
             return add(self.read(1, b, i), summed(chunk, g.KS, self.read(0, Aff.of(chunk), b, i)))
+        if kind is Kind.ATTN_MERGE:
+            # M = max_p m_p; attn = sum_p exp(m_p - M) o_p / sum_p exp(m_p - M) l_p (fused.py)
+            b, h, d = idx
+            ms = [self.read(1, b, h, Aff(p)) for p in range(g.P)]
+            top = ms[0]
+            for m in ms[1:]:
+                top = ("max", top, m)
+            w = [app("exp", add(m, neg(top))) for m in ms]
+            num = add(*(mul(w[p], self.read(0, b, h, Aff(p), d)) for p in range(g.P)))
+            den = add(*(mul(w[p], self.read(2, b, h, Aff(p))) for p in range(g.P)))
+            return mul(num, app("recip", den))
         if kind is Kind.LMHEAD_ARGMAX and buffer == "logits":
             b, v = idx
             return self.matvec(0, 1, 2, b, v)

@@ -222,8 +222,14 @@ def _mask(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
     return False, "the masks agree at the assignment"
 
 
+def _device(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
+    """A finding of the task-body executor (`verifier.device.symexec`) stands as found."""
+    return True, str(data.get("why", "the device check failed"))
+
+
 REPLAYS = {
     "algebra": _algebra,
+    "device": _device,
     "mask": _mask,
     "writes": _writes,
     "reads": _reads,

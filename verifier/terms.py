@@ -12,6 +12,9 @@ A term is a nested tuple (hashable, JSON-able through `encode`/`decode`):
                              ("or", ...) | ("not", c) over Aff
     ("sum", var, n, t)       t summed over var = 0 .. n-1 (a binder: the printed query expands
                              it into n terms, the term itself stays small)
+    ("max", t, u)            the larger of t and u (fmaxf over the reals)
+
+Division is multiplication by ("f", "recip", t), an uninterpreted reciprocal.
 
 An `Aff` is an integer index: const + Σ coeff * atom, an atom being an index variable (a str,
 with a range) or an opaque integer term ("div", a, k), ("mod", a, k), ("vi", name, idx) (an
@@ -223,6 +226,7 @@ FUNCTIONS = {
     "sin": math.sin,
     "cos": math.cos,
     "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-max(min(x, 700.0), -700.0))),
+    "recip": lambda x: 1.0 / x if x else 1e300,
 }
 
 
@@ -311,6 +315,8 @@ class _Eval:
             return math.prod(self(x, env) for x in t[1:])
         if op == "r":
             return float(ival(t[1], env, tables, seed))
+        if op == "max":
+            return max(self(t[1], env), self(t[2], env))
         if op == "ite":
             return self(t[2] if truth(t[1], env, tables, seed) else t[3], env)
         if op == "sum":
@@ -391,6 +397,9 @@ def smt(t: Term, env: Mapping[str, int] | None = None) -> str:
         return f"(to_real {smt_aff(t[1], env)})"
     if op == "ite":
         return f"(ite {smt_cond(t[1], env)} {smt(t[2], env)} {smt(t[3], env)})"
+    if op == "max":
+        a, b = smt(t[1], env), smt(t[2], env)
+        return f"(ite (>= {a} {b}) {a} {b})"
     if op == "sum":
         inner = dict(env)
         parts = []

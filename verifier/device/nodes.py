@@ -156,6 +156,7 @@ class Declarator(Node):
     dims: tuple[Expr, ...] = ()  # float acc[NRB][NB][4]: (NRB, NB, 4)
     # `= e`, `= {...}` or `{...}` (a BraceInit of type None), `(args)` (a Call of the type)
     init: Expr | None = None
+    unsized: bool = False  # `extern __shared__ unsigned char smem_raw[];`: first extent not given
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ class Param(Node):
     type: Type
     name: str  # "" for an unnamed parameter
     default: Expr | None = None
+    qualifiers: tuple[str, ...] = ()  # "__grid_constant__"
 
 
 # ---- statements -----------------------------------------------------------------------------
@@ -300,6 +302,7 @@ class Using(Node):
 class Enum(Node):
     name: str  # "" for an anonymous enum
     members: tuple[tuple[str, Expr | None], ...]
+    base: Type | None = None  # `enum Op : unsigned short`
 
 
 @dataclass(frozen=True)
@@ -311,9 +314,25 @@ class Unit:
     includes: tuple[str, ...] = ()
     arch: int = 0  # the __CUDA_ARCH__ the `#if` branches were resolved for, e.g. 900
     functions: dict[str, Function] = field(default_factory=dict)  # by name (templates once)
+    # every definition of each name, in kernel.cu order (dot8 has two); functions[name] is the
+    # first of them
+    overloads: dict[str, tuple[Function, ...]] = field(default_factory=dict)
 
     def function(self, name: str) -> Function:
         try:
             return self.functions[name]
         except KeyError:
             raise ParseError(f"kernel.cu defines no device function {name}") from None
+
+    def overload(self, name: str, nargs: int) -> Function:
+        """The definition of `name` a call with `nargs` arguments picks (by count alone, which
+        tells kernel.cu's overloads apart)."""
+        fits = [
+            f
+            for f in self.overloads.get(name, ())
+            if sum(p.default is None for p in f.params) <= nargs <= len(f.params)
+        ]
+        if len(fits) != 1:
+            what = "no" if not fits else "more than one"
+            raise ParseError(f"kernel.cu has {what} {name} taking {nargs} arguments")
+        return fits[0]

@@ -1,0 +1,165 @@
+"""verifier.device.symexec: the loop-kind task bodies of kernel.cu, executed symbolically, are
+proved to compute their fused instructions; planted bugs in kernel.cu's text fail an obligation
+naming the device function, semantics-preserving rewrites still prove."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from amk_farm import catalog
+from compiler.codegen.kernel import render_kernel
+from compiler.ir.fused import FusedGraph
+from compiler.ir.fused_layout import layout
+from compiler.schedule import build_schedule
+from compiler.schedule.schedule import Options
+from compiler.spec import ShapeTemplate
+from verifier.device.parse import parse
+from verifier.device.symexec import obligations
+from verifier.model import Geometry
+from verifier.obligation import Obligation
+from verifier.solve import Result, prove_all
+
+Case = tuple[str, FusedGraph, Geometry]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Case:
+    spec = catalog.resolve("tiny-llama")
+    fg = layout(spec)
+    template = ShapeTemplate.parse("b2-s64")  # two batch rows: i / n and i % n stay symbolic
+    sched = build_schedule(fg, template, Options())
+    return render_kernel(fg, sched), fg, Geometry.of(spec, template, sched.bound())
+
+
+def judged(text: str, case: Case) -> list[tuple[Obligation, Result]]:
+    _, fg, g = case
+    obs = obligations(parse(text, 900), fg, g)
+    return list(prove_all(obs, jobs=2))
+
+
+def function(text: str, name: str) -> tuple[int, int]:
+    """[start, end) of device function `name` in kernel.cu's text."""
+    start = text.index(f"void {name}(")
+    return start, text.index("\n}\n", start) + 3
+
+
+def edit(text: str, name: str, old: str, new: str, regex: bool = False) -> str:
+    """`text` with `old` replaced by `new` inside device function `name` (which must change)."""
+    a, b = function(text, name)
+    body = text[a:b]
+    changed = re.sub(old, new, body) if regex else body.replace(old, new)
+    assert changed != body, f"{old!r} is not in {name}"
+    return text[:a] + changed + text[b:]
+
+
+def test_the_loop_kinds_are_proved(tiny: Case) -> None:
+    results = judged(tiny[0], tiny)
+    names = {ob.check for ob, _ in results}
+    for fn in ("down_residual", "embed", "attn_merge"):
+        assert any(c.startswith(f"{fn} computes") for c in names), fn
+        assert any(c.startswith(f"{fn}: the iterations") for c in names), fn
+    assert any("__trap() is unreachable" in c for c in names)
+    bad = [(ob.name, r.status, r.reason) for ob, r in results if not r.proved]
+    assert not bad, bad
+
+
+MUTANTS = [
+    # (device function, old, new, what the bug is)
+    ("down_residual", "k < KS; ++k", "k < KS - 1; ++k", "the last chunk dropped"),
+    ("down_residual", "s += ld_act", "s = ld_act", "the chunks overwritten, not summed"),
+    ("down_residual", "= ld_act(p.x + b * H + r) + s;", "= s;", "the residual dropped"),
+    (
+        "down_residual",
+        "ld_act(p.down + b * H + r)",
+        "ld_act(p.down + b * H + r + 1)",
+        "a load off by one",
+    ),
+    ("embed", "make_float4(f[0], f[1],", "make_float4(f[1], f[0],", "two columns swapped"),
+    (
+        "embed",
+        "p.embed_tokens + tok * H + c",
+        "p.embed_tokens + tok * H + c + 8",
+        "a load off by 8",
+    ),
+    ("embed", "c = c0 + 8 * (i % n8)", "c = c0 + 4 * (i % n8)", "iterations overlap"),
+    ("embed", "tok >= V", "tok >= V - 1", "a trap on a valid token"),
+    (
+        "attn_merge",
+        "expf(ld_act(p.attn_m + bh + k) - mx)",
+        "expf(mx - ld_act(p.attn_m + bh + k))",
+        "exp sign",
+    ),
+    ("attn_merge", "num / den", "num / num", "den replaced by num"),
+    (
+        "attn_merge",
+        "ld_act(p.attn_l + bh + k)",
+        "ld_act(p.attn_l + bh + k + 1)",
+        "a load off by one",
+    ),
+    ("attn_merge", "k < P; ++k) mx", "k < P - 1; ++k) mx", "the max misses a partition"),
+]
+
+
+@pytest.mark.parametrize(("fn", "old", "new", "bug"), MUTANTS, ids=[m[3] for m in MUTANTS])
+def test_planted_bugs_fail_naming_the_function(
+    tiny: Case, fn: str, old: str, new: str, bug: str
+) -> None:
+    results = judged(edit(tiny[0], fn, old, new), tiny)
+    failed = [(ob, r) for ob, r in results if not r.proved]
+    assert failed, bug
+    assert all(ob.name.startswith(f"(f) {fn}") for ob, _ in failed), [ob.name for ob, _ in failed]
+    assert any("kernel.cu line" in ob.subject for ob, _ in failed)
+
+
+def test_a_maximum_that_misses_a_partition_fails_float_safety(tiny: Case) -> None:
+    """Over the reals the merge does not depend on the maximum it subtracts: a wrong maximum is
+    caught by the exponents' sign, with a counterexample the replay confirms."""
+    text = edit(tiny[0], "attn_merge", "k < P; ++k) mx", "k < P - 1; ++k) mx")
+    failed = {ob.check: r for ob, r in judged(text, tiny) if not r.proved}
+    r = failed.get("attn_merge: every rescale exponent is <= 0 (exp never overflows)")
+    assert r is not None and r.status == "failed" and "may be > 0" in r.reason, failed
+
+
+def _unrolled(text: str, g: Geometry) -> str:
+    loop = "for (int k = 1; k < KS; ++k) s += ld_act(p.down + (static_cast<size_t>(k) * B + b) * H + r);"
+    flat = " ".join(
+        f"s += ld_act(p.down + (static_cast<size_t>({k}) * B + b) * H + r);" for k in range(1, g.KS)
+    )
+    return edit(text, "down_residual", loop, flat)
+
+
+VARIANTS = {
+    "renamed local": lambda t, g: edit(t, "down_residual", r"\bs\b", "acc", regex=True),
+    "comments": lambda t, g: edit(
+        t, "attn_merge", "float mx =", "/* running max */ float mx = // then the sums\n"
+    ),
+    "unrolled by hand": _unrolled,
+    "reordered declarations": lambda t, g: edit(
+        edit(
+            edit(t, "embed", "float f[8];", ""),
+            "embed",
+            "const i64 tok",
+            "float f[8];\n    const i64 tok",
+        ),
+        "attn_merge",
+        "float mx = -INFINITY, num = 0.f, den = 0.f;",
+        "float den = 0.f, num = 0.f, mx = -INFINITY;",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_semantics_preserving_variants_prove(tiny: Case, variant: str) -> None:
+    text = VARIANTS[variant](tiny[0], tiny[2])
+    assert text != tiny[0]
+    bad = [(ob.name, r.reason) for ob, r in judged(text, tiny) if not r.proved]
+    assert not bad, bad
+
+
+def test_an_unmodelled_construct_fails_with_its_line(tiny: Case) -> None:
+    text = edit(tiny[0], "down_residual", "float s = ", "float s = (float)sizeof(int) + ")
+    failed = [(ob, r) for ob, r in judged(text, tiny) if not r.proved]
+    assert failed and all("down_residual" in ob.name for ob, _ in failed)
+    assert any("kernel.cu line" in ob.subject for ob, _ in failed)

@@ -1,0 +1,343 @@
+"""Class (f) from the artifact: what kernel.cu's task bodies compute, proved equal to the fused
+instructions (issue 16, item 1).
+
+For each task kind and tile shape in kernel.cu's TASKS table, the device function the
+megakernel's switch runs for that opcode is executed symbolically for one consumer thread
+(`verifier.device.execute`): the task params symbolic over the table's values (a range tile
+(a, b) as a = "ta", b = ta + n for its width n), `pos` symbolic, its thread-strided loop
+summarized as one iteration with a symbolic index i in [0, N). The obligations, each an ordinary
+SMT query over that symbolic element, every batch row and position:
+
+* value: each store of the loop holds, over the reals, the fused instruction's element at the
+  store's index (`Fused(instr, g).output`, through `verifier.algebra.equal_obligations`, whose
+  uninterpreted-function decomposition and replay they share; a pair that already differs in
+  float64 gets the pinned query at a point where it differs, as algebra does);
+* disjoint: two different iterations never store the same element, nor does one store an
+  element another loads (so "every i in [0, N) stores its values" is the loop's effect, whatever
+  the threads' interleaving), nor do two stores of one iteration overlap;
+* no trap: a `__trap()` is unreachable for valid inputs (every token in [0, V));
+* float safety (ATTN_MERGE): every exponent the kernel takes is <= 0 (a rescale never
+  overflows). Over the reals the merge's value does not depend on the maximum it subtracts, so
+  this is the query that holds the maximum to be one.
+
+Terms are layer-free (arrays by role), so one proof covers every layer and the proof cache shares
+them. Anything the executor does not model fails as an obligation naming the device function and
+the kernel.cu line, never a skip. Loop kinds so far: DOWN_RESIDUAL, EMBED, ATTN_MERGE.
+
+The matvec kinds, next: `matvec<K>` is summarized per output row v and batch row b, not per
+thread. The K loop of each chunk (`for (k0 ..)` of matvec_fma, each warp's lanes over 8-column
+groups, then group_sum's xor butterfly and the warps' parts in order) is a sum over index ranges:
+the lanes' partial sums are sums over disjoint column sets (lane l takes k = 8l + 256 m), the
+butterfly a sum over the 32 lanes (proved by unrolling: 5 rounds), the chunks a sum over k0; their
+union [0, K) is checked by the same disjointness-and-count queries as here. The weight ring is an
+index map: the producer's `produce(row, v0, rows, col, width)` copies row(v0 + r)[col + c] to
+slot s, byte r * pitch + 2c, and the consumer's `consume` of the same slot sequence reads
+seg[k] = slot + warp * WC + k, so W[row(v)][k0 + j + k] is what `dot8` multiplies, provided the
+producer and consumer walk the same (k0, v0, j) sequence (both loops are executed, the slot
+sequence compared term by term). The staged inputs (`stage`, the split layout) are an index map
+of the same kind; rms_rstd is block_sum of a sum over a strided loop, then rsqrt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from fractions import Fraction
+from typing import Any
+
+from compiler.ir.fused import FusedGraph, Instr, Kind
+from verifier.algebra import _walk, agree, differ, equal_obligations, pinned
+from verifier.device.binding import Binding
+from verifier.device.execute import Executor, Load, Store, Strided
+from verifier.device.kernel import Kernel
+from verifier.device.nodes import ParseError, Unit
+from verifier.device.values import FALSE, TRUE, Params, Real, Struct, Unsupported, rename
+from verifier.fused_terms import Fused, index_vars
+from verifier.graph_terms import unflatten
+from verifier.model import Geometry
+from verifier.obligation import Obligation
+from verifier.terms import Aff, Term, smt, smt_aff, smt_cond
+
+# how each kind's task params (schedule.py) are made symbolic: "range": (a, b) a tile
+# [a, a + n) of width n; "index": a alone
+LOOP_KINDS: dict[Kind, str] = {
+    Kind.DOWN_RESIDUAL: "range",
+    Kind.EMBED: "range",
+    Kind.ATTN_MERGE: "index",
+}
+INT_ARRAYS = ("token",)  # integer inputs and their valid range [0, V)
+SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
+
+
+def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
+    """The (f) obligations of kernel.cu's loop-kind task bodies (see the module docstring)."""
+    k = Kernel(unit)
+    out: list[Obligation] = []
+    try:
+        tasks, dispatch = k.tasks(), k.dispatch()
+        ops = k.enum_members.get("Op", k.enums)
+    except (Unsupported, ParseError) as e:
+        return [_finding("amk_megakernel", getattr(e, "line", 0), str(e))]
+    for kind, how in LOOP_KINDS.items():
+        instr = next((i for i in fused.instrs if i.kind is kind), None)
+        op = ops.get(f"OP_{kind.name}")
+        if instr is None or op is None:
+            continue
+        name = dispatch.get(op)
+        if name is None:
+            out.append(_finding("amk_megakernel", 0, f"the switch runs nothing for OP_{kind.name}"))
+            continue
+        for shape, ranges, params in _tiles(how, [t for t in tasks if t["op"] == op]):
+            out += _task(k, fused, g, instr, name, shape, ranges, params)
+    return list({ob.key: ob for ob in out}.values())
+
+
+def _tiles(
+    how: str, tasks: list[dict[str, int]]
+) -> Iterable[tuple[str, dict[str, tuple[int, int]], dict[str, Aff]]]:
+    """(tile name, ranges of the param symbols, the Task fields a, b, c) per tile shape."""
+    groups: dict[int, list[dict[str, int]]] = {}
+    for t in tasks:
+        groups.setdefault(t["b"] - t["a"] if how == "range" else 0, []).append(t)
+    for width, ts in sorted(groups.items()):
+        ranges = {"ta": (min(t["a"] for t in ts), max(t["a"] for t in ts) + 1)}
+        params = {"a": Aff.of("ta")}
+        params["b"] = Aff.of("ta") + width if how == "range" else Aff.of("tb")
+        if how != "range":
+            ranges["tb"] = (min(t["b"] for t in ts), max(t["b"] for t in ts) + 1)
+        ranges["tc"] = (min(t["c"] for t in ts), max(t["c"] for t in ts) + 1)
+        params["c"] = Aff.of("tc")
+        yield (f"width {width}" if how == "range" else "every tile"), ranges, params
+
+
+def _task(
+    k: Kernel,
+    fused: FusedGraph,
+    g: Geometry,
+    instr: Instr,
+    name: str,
+    shape: str,
+    ranges: dict[str, tuple[int, int]],
+    params: dict[str, Aff],
+) -> list[Obligation]:
+    ranges = {**ranges, "pos": (0, g.S)}
+    bind = Binding(k, fused, g, max(instr.layer, 0), ranges)
+    ex = Executor(k, bind.pointer, bind.element, ranges)
+    where = f"{name}, {shape}"
+    try:
+        f = k.function(name, 6)
+        args: list[Any] = []
+        for p in f.params:
+            t = k.base_type(p.type.text)
+            if t == "Params":
+                args.append(Params())
+            elif t == "Task":
+                fields = tuple(
+                    (
+                        fld,
+                        params.get(fld, Aff.of("layer") if fld == "layer" else Aff.of(f"t_{fld}")),
+                    )
+                    for fld, _ in k.struct_fields("Task")
+                )
+                args.append(Struct("Task", fields))
+            elif t == "int":
+                args.append(Aff.of(p.name))
+            else:
+                args.append(Struct(t, ()))
+        ex.run(name, args)
+    except (Unsupported, ParseError) as e:
+        return [_finding(where, getattr(e, "line", 0), str(e))]
+    out: list[Obligation] = []
+    stores = [s for s in ex.stores if s.guard != FALSE]
+    if not stores:
+        out.append(_finding(where, f.line, f"{name} stores nothing"))
+    for s in stores:
+        out += _value(s, ex, bind, fused, g, instr, where, ranges)
+        if instr.kind in SAFE_EXP and isinstance(s.value, Real):
+            out += _rescales(s, where, ranges, g)
+    for loop in ex.strided:
+        out.append(_disjoint(loop, ex.stores, ex.loads, where, ranges, g))
+    for trap in ex.traps:
+        if trap.guard != FALSE:
+            out.append(_no_trap(trap.guard, trap.line, where, ranges, g))
+    if any(not s.loop for s in stores):
+        line = next(s.line for s in stores if not s.loop)
+        out.append(
+            _finding(where, line, "a store outside a strided loop (one thread's, or all's?)")
+        )
+    return out
+
+
+def _value(
+    s: Store,
+    ex: Executor,
+    bind: Binding,
+    fused: FusedGraph,
+    g: Geometry,
+    instr: Instr,
+    where: str,
+    ranges: dict[str, tuple[int, int]],
+) -> list[Obligation]:
+    buffer = bind.names.get(s.array, s.array)
+    subject = f"{where}, the store at kernel.cu line {s.line}"
+    if buffer not in instr.outputs:
+        return [
+            _finding(
+                where,
+                s.line,
+                f"{s.function} stores into {buffer}, not an output of {instr.kind.name}",
+            )
+        ]
+    shape = tuple(n for _, n in index_vars(buffer, g))
+    idx = unflatten(s.offset, shape, ranges)
+    r = dict(ranges)
+    tables: dict[str, list[Fraction]] = {}
+    spec = Fused(instr, g, r, tables, _inv_freq(fused)).output(buffer, idx)
+    assert isinstance(s.value, Real)
+    check = f"{s.function} computes {instr.kind.name} {buffer}"
+    extra = _int_ranges((spec, s.value.term, s.guard), g)
+    if s.guard != TRUE:
+        extra += f"(assert {smt_cond(s.guard, {})})\n"
+    if agree(spec, s.value.term, r, tables):
+        obs = equal_obligations(spec, s.value.term, r, tables, check, subject, -1)
+    else:
+        env = differ(spec, s.value.term, r, tables) or {}
+        obs = [pinned(spec, s.value.term, r, tables, env, check, subject, -1)]
+    return [replace(ob, assumptions=ob.assumptions + extra) for ob in obs]
+
+
+def _disjoint(
+    loop: Strided,
+    stores: list[Store],
+    loads: list[Load],
+    where: str,
+    ranges: dict[str, tuple[int, int]],
+    g: Geometry,
+) -> Obligation:
+    i, j = loop.symbol, f"{loop.symbol}_other"
+    mine = [s for s in stores if s.loop == i and s.guard != FALSE]
+    written = {s.array for s in mine}
+    reads = [ld for ld in loads if ld.loop == i and ld.array in written]
+    other = {i: j}
+    bad: list[str] = []
+    for a, s in enumerate(mine):
+        for t in mine[a:]:
+            if t.array != s.array:
+                continue
+            same = f"(= {smt_aff(s.offset, {})} {smt_aff(rename(t.offset, other), {})})"
+            guards = f"{smt_cond(s.guard, {})} {smt_cond(rename(t.guard, other), {})}"
+            apart = f"(not (= {i} {j}))" if t is s else "true"
+            bad.append(f"(and {apart} {guards} {same})")
+    for s in mine:
+        for ld in reads:
+            if ld.array != s.array:
+                continue
+            same = f"(= {smt_aff(s.offset, {})} {smt_aff(rename(ld.offset, other), {})})"
+            guards = f"{smt_cond(s.guard, {})} {smt_cond(rename(ld.guard, other), {})}"
+            bad.append(f"(and (not (= {i} {j})) {guards} {same})")
+    r = {**ranges, j: ranges[i]}
+    things = [(s.offset, s.guard, rename((s.offset, s.guard), other)) for s in mine]
+    things += [rename((ld.offset, ld.guard), other) for ld in reads]
+    facts = _int_decls(things, r) + _int_ranges(things, g)
+    return Obligation(
+        "f",
+        f"{loop.function}: the iterations of its strided loop store disjoint elements",
+        -1,
+        f"{where}, the loop at kernel.cu line {loop.line} over [0, {loop.count})",
+        facts,
+        f"(assert (or false {' '.join(bad)}))\n",
+        data={"mode": "device", "why": f"two iterations of the loop at line {loop.line} overlap"},
+    )
+
+
+def _rescales(
+    s: Store, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
+) -> list[Obligation]:
+    args = [x[2] for x in _walk(s.value.term) if isinstance(x, tuple) and x[:2] == ("f", "exp")]
+    if not args:
+        return []
+    reals = {
+        x[1]: len(x[2]) for x in _walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)
+    }
+    facts = _int_decls((s.offset, s.guard, *args), ranges) + _int_ranges(tuple(args), g)
+    facts += "".join(
+        f"(declare-fun {a} ({' '.join(['Int'] * k)}) Real)\n" for a, k in sorted(reals.items())
+    )
+    if s.guard != TRUE:
+        facts += f"(assert {smt_cond(s.guard, {})})\n"
+    bad = " ".join(f"(> {smt(a)} 0.0)" for a in dict.fromkeys(args))
+    return [
+        Obligation(
+            "f",
+            f"{s.function}: every rescale exponent is <= 0 (exp never overflows)",
+            -1,
+            f"{where}, the store at kernel.cu line {s.line}",
+            facts,
+            f"(assert (or {bad}))\n",
+            data={"mode": "device", "why": f"an exponent of the store at line {s.line} may be > 0"},
+        )
+    ]
+
+
+def _no_trap(
+    guard: Term, line: int, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
+) -> Obligation:
+    return Obligation(
+        "f",
+        f"{where.split(',')[0]}: __trap() is unreachable for valid inputs",
+        -1,
+        f"{where}, the trap at kernel.cu line {line}",
+        _int_decls([guard], ranges) + _int_ranges([guard], g),
+        f"(assert {smt_cond(guard, {})})\n",
+        data={"mode": "device", "why": f"the trap at line {line} is reachable"},
+    )
+
+
+def _finding(where: str, line: int, why: str) -> Obligation:
+    """A failure found while executing (not a query): it fails whatever the solver says."""
+    at = f", kernel.cu line {line}" if line else ""
+    return Obligation(
+        "f",
+        f"{where.split(',')[0]}: its task body is in the subset the verifier executes",
+        -1,
+        f"{where}{at}: {why}",
+        "",
+        "(assert true)\n",
+        data={"mode": "device", "why": why},
+    )
+
+
+def _int_decls(things: Any, ranges: dict[str, tuple[int, int]]) -> str:
+    names: set[str] = set()
+    arrays: dict[str, int] = {}
+    for x in _walk(tuple(things)):
+        if isinstance(x, Aff):
+            names |= {a for a, _ in x.terms if isinstance(a, str)}
+        if isinstance(x, tuple) and x and x[0] == "vi":
+            arrays[x[1]] = len(x[2])
+    lines = []
+    for v in sorted(names):
+        lines.append(f"(declare-const {v} Int)")
+        if v in ranges:
+            lo, hi = ranges[v]
+            lines.append(f"(assert (and (<= {lo} {v}) (< {v} {hi})))")
+    for a, arity in sorted(arrays.items()):
+        lines.append(f"(declare-fun {a} ({' '.join(['Int'] * arity)}) Int)")
+    return "\n".join(lines) + "\n"
+
+
+def _int_ranges(things: Any, g: Geometry) -> str:
+    """Every integer input element read lies in its valid range (a token is in [0, V))."""
+    out = []
+    for x in _walk(tuple(things)):
+        if isinstance(x, tuple) and x and x[0] == "vi" and x[1] in INT_ARRAYS:
+            e = f"({x[1]} {' '.join(smt_aff(i, {}) for i in x[2])})"
+            out.append(f"(assert (and (<= 0 {e}) (< {e} {g.V})))")
+    return "".join(f"{x}\n" for x in dict.fromkeys(out))
+
+
+def _inv_freq(fused: FusedGraph) -> tuple[float, ...]:
+    try:
+        return tuple(fused.buffer("rope_inv_freq").value or ())
+    except KeyError:
+        return ()
