@@ -45,6 +45,7 @@ LIMITS: dict[str, int] = {
     "stage_bytes": 1 << 20,
     "work_bytes": 1 << 20,
     "qkv_heads_per_task": 1 << 12,
+    "qkv_head_split": 128,  # a divisor of head_dim / 2 (head_dim is at most 256)
     "row_tile": 1 << 16,
     "lm_head_rows": 1 << 20,
     "kv_partitions": 1 << 12,
@@ -105,6 +106,7 @@ def schedule_tasks(spec: ModelSpec, template: ShapeTemplate, options: Any) -> in
     ks = max(k for k in range(1, min(i, options.down_splits) + 1) if i % k == 0)
     per_layer = (
         math.ceil((spec.num_heads + 2 * kv) / options.qkv_heads_per_task)  # qkv_rope_append
+        * options.qkv_head_split
         + kv * min(options.kv_partitions, template.max_seq)  # attn_partial
         + kv  # attn_merge
         + math.ceil(h / rows) * (2 + ks)  # oproj_residual, down_partial x KS, down_residual

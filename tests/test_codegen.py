@@ -144,6 +144,7 @@ def test_no_float_atomics_and_acquire_release_sync(tiny):
                 "policy": "balanced",
             },
         ),
+        ("tiny-mistral", "b2-s64", {"sm_count": 9, "qkv_head_split": 4}),
     ],
 )
 def test_task_table_parses_back_to_the_schedule(model, template, opts):
@@ -239,11 +240,16 @@ def test_bad_schedules_are_refused(tiny):
         render_kernel(fg, dup)
     t = sched.tasks[1]
     assert t.kind == Kind.QKV_ROPE_APPEND
-    half = dataclasses.replace(t, params=(t.params[0], t.params[0] + 32))
-    with pytest.raises(CodegenError, match="whole heads"):
-        render_kernel(
-            fg, dataclasses.replace(sched, tasks=(sched.tasks[0], half, *sched.tasks[2:]))
-        )
+
+    def with_qkv(params: tuple[int, ...]) -> Schedule:
+        task = dataclasses.replace(t, params=params)
+        return dataclasses.replace(sched, tasks=(sched.tasks[0], task, *sched.tasks[2:]))
+
+    render_kernel(fg, with_qkv((t.params[0], t.params[0] + 32)))  # pairs 0..15 of a head
+    render_kernel(fg, with_qkv((t.params[0] + 6, t.params[0] + 64)))  # an even sub-range
+    for bad in ((0, 33), (1, 32), (32, 96), (0, 96)):  # odd ends; more than one head, not whole
+        with pytest.raises(CodegenError, match="neither whole heads of 64 nor an even sub-range"):
+            render_kernel(fg, with_qkv(bad))
     far = dataclasses.replace(t, params=(t.params[0], t.params[1] + 10_000))
     with pytest.raises(CodegenError, match="outside"):
         render_kernel(fg, dataclasses.replace(sched, tasks=(sched.tasks[0], far, *sched.tasks[2:])))
@@ -419,6 +425,83 @@ def test_ring_copy_variants_compile_for_both_archs(tmp_path, matvec, option, fla
     fg, sched, cu = case("tiny-llama", "b4-s64", matvec=matvec, **option)
     assert f"constexpr bool {flag} = true;" in cu
     check_compiled(compile_both(tmp_path, "tiny-variant", cu), kernel_dims(fg, sched))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("matvec", ["fma", "mma"])
+@pytest.mark.parametrize("split", [2, 4])
+def test_qkv_head_split_compiles_for_both_archs_without_spills(tmp_path, matvec, split):
+    """QKV tasks of part of a head: D / split rows each, the widest QKV tile below D."""
+    fg, sched, cu = case("tiny-llama", "b4-s64", matvec=matvec, qkv_head_split=split)
+    d = kernel_dims(fg, sched)
+    assert d.qkv_tile == 64 // split and f"constexpr int QKV_TILE = {64 // split};" in cu
+    assert sum(t.kind is Kind.QKV_ROPE_APPEND for t in sched.tasks) == 2 * 8 * split
+    check_compiled(compile_both(tmp_path, f"tiny-qkv{split}", cu), d)
+
+
+@pytest.mark.parametrize("opts", [{}, {"qkv_head_split": 4}, {"qkv_heads_per_task": 3}])
+def test_qkv_rule_indices_pair_every_row_with_its_rope_partner(opts):
+    """kernel.cu's own index expressions (row lambda, epilogue, RoPE partner), evaluated with C
+    semantics for every row of every QKV task: producer and consumer agree on the physical row,
+    el is its element, the partner row is in the task and holds element el +- D/2 of the same
+    head, and the tasks of an instruction visit every row of [Wq; Wk; Wv] once."""
+    from verifier.batch_invariance import Constants, evaluate, parse
+
+    _, sched, cu = case("tiny-llama", "b2-s64", **opts)
+    body = re.search(r"void qkv_rope_append\(.*?\n\}\n", cu, re.S)
+    load = re.search(r"void load_qkv_rope_append\(.*?\n\}\n", cu, re.S)
+    assert body and load
+    found = {
+        "row j": re.search(r"const int r = r0 \+ v, j = ([^;]*);", load.group(0)),
+        "row pr": re.search(r"const int pr = ([^;]*);", load.group(0)),
+        "j": re.search(r"const int j = ([^,]*), el = ([^;]*);", body.group(0)),
+        "pr": re.search(r"const int pr = ([^;]*);", body.group(0)),
+        "rot": re.search(r"el < D / 2 \? -y\[\(([^)]*)\) \* B \+ b\] : y\[\(([^)]*)\)", body.group(0)),
+    }  # fmt: skip
+    assert all(found.values()), [k for k, m in found.items() if not m]
+    ex = {k: [parse(x) for x in m.groups()] for k, m in found.items() if m}
+    c = Constants(cu, ())
+    d, rows = c.value("D", {}), c.value("QD", {}) + 2 * c.value("KVD", {})
+
+    def at(e: object, env: dict[str, int]) -> int:
+        return evaluate(e, lambda name: env[name] if name in env else c.value(name, {}))  # type: ignore[arg-type]
+
+    def epilogue(r0: int, v: int) -> tuple[int, int]:
+        """(el, pr) of task row v."""
+        j = at(ex["j"][0], {"r0": r0, "v": v})
+        el = at(ex["j"][1], {"j": j})
+        return el, at(ex["pr"][0], {"r0": r0, "v": v, "j": j, "el": el})
+
+    seen: list[int] = []
+    for t in sched.tasks:
+        if t.kind is not Kind.QKV_ROPE_APPEND or t.layer:
+            continue
+        r0, n = t.params[0], t.params[1] - t.params[0]
+        for v in range(n):
+            el, pr = epilogue(r0, v)
+            r = r0 + v
+            assert pr == at(ex["row pr"][0], {"r": r, "j": at(ex["row j"][0], {"r": r})})
+            assert el == pr % d and pr // d == r // d, (t.id, v)
+            w = at(ex["rot"][0 if el < d // 2 else 1], {"v": v})  # the partner task row
+            assert 0 <= w < n, (t.id, v, w)
+            assert epilogue(r0, w)[1] == (pr + d // 2 if el < d // 2 else pr - d // 2), (t.id, v)
+            seen.append(pr)
+    assert sorted(seen) == list(range(rows))
+
+
+def test_qkv_rule_reads_pair_order_rows(tiny):
+    """The row lambda and the epilogue agree: task row j of a head is element e(j) = j/2 +
+    (j%2)*(D/2), its RoPE partner task row v ^ 1; the cache store keeps the text the verifier
+    reads (verifier.kv_invariant), with kr the physical row."""
+    _, _, cu = tiny
+    body = re.search(r"void qkv_rope_append\(.*?\n\}\n", cu, re.S)
+    load = re.search(r"void load_qkv_rope_append\(.*?\n\}\n", cu, re.S)
+    assert body and load
+    e_of_j = "j / 2 + (j % 2) * (D / 2)"
+    assert e_of_j in body.group(0) and e_of_j in load.group(0)
+    assert "-y[(v + 1) * B + b] : y[(v - 1) * B + b]" in body.group(0)
+    assert "cache[((static_cast<size_t>(b) * KV + kr / D) * S + pos) * D + el] = " in body.group(0)
+    assert "(QKV_TILE % D == 0 || (QKV_TILE < D && QKV_TILE % 2 == 0))" in cu
 
 
 @needs_nvcc

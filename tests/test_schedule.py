@@ -16,6 +16,7 @@ from amk_farm import catalog
 from compiler.ir.fused import FusedGraph, Kind
 from compiler.ir.fused_layout import layout
 from compiler.ir.graph import IRError
+from compiler.limits import LimitError, schedule_tasks
 from compiler.schedule import build_schedule
 from compiler.schedule.build import check_schedule, program_order_violations
 from compiler.schedule.deps import direct
@@ -25,6 +26,7 @@ from compiler.schedule.regions import (
     coalesce,
     instr_writes,
     intersect,
+    qkv_pairs,
     subtract,
     task_access,
     tracked,
@@ -156,7 +158,7 @@ def test_sliding_window_regions() -> None:
 
 
 def test_instruction_writes_are_exactly_the_tiles(fg: FusedGraph) -> None:
-    for opts in (Options(), ODD):
+    for opts in (Options(), ODD, Options(qkv_head_split=2), Options(qkv_head_split=32)):
         g = Geometry.of(fg, bind(fg, B4, opts))
         tasks = split(fg, g, opts)
         for i, ins in enumerate(fg.instrs):
@@ -168,6 +170,83 @@ def test_instruction_writes_are_exactly_the_tiles(fg: FusedGraph) -> None:
                 for _, b in task_access(ins, s.params, g).writes
             )
             assert got == want, (i, ins.kind)
+
+
+@pytest.mark.parametrize("split_", [2, 4, 32])
+def test_qkv_head_split_tiles_are_pairs_of_one_head(fg: FusedGraph, split_: int) -> None:
+    """Each head in `split_` tasks of 64 / split_ rows (pair order): task k of a head writes its
+    elements [k*n, (k+1)*n) and [32 + k*n, 32 + (k+1)*n), n = 32 / split_, of q or of the cache
+    row pos, and reads those rows of its weight; the tasks of an instruction partition its
+    output."""
+    opts = Options(qkv_head_split=split_)
+    g = Geometry.of(fg, bind(fg, B4, opts))
+    qkv = fg.instrs[1]
+    tiles = [s.params for s in split(fg, g, opts) if s.instr == 1]
+    rows, n = 64 // split_, 32 // split_
+    assert tiles == [(a, a + rows) for a in range(0, 8 * 64, rows)]
+    wq, wk = qkv.inputs[2], qkv.inputs[3]
+    for h, k in ((1, split_ - 1), (4, 0), (5, split_ // 2)):  # a q head, k heads 0 and 1
+        r0 = h * 64 + k * rows
+        acc = task_access(qkv, (r0, r0 + rows), g, pos=9)
+        lo, hi = k * n, 32 + k * n  # the two halves of the task's pairs
+        if h < 4:
+            cols = [(h * 64 + lo, h * 64 + lo + n), (h * 64 + hi, h * 64 + hi + n)]
+            assert acc.writes == tuple(("q", ((0, 4), c)) for c in cols)
+            assert [b for name, b in acc.reads if name == wq] == [(c, (0, 256)) for c in cols]
+        else:
+            kv = h - 4
+            els = [(lo, lo + n), (hi, hi + n)]
+            assert acc.writes == tuple(
+                ("k_cache.0", ((0, 4), (kv, kv + 1), (9, 10), e)) for e in els
+            )
+            assert [b for name, b in acc.reads if name == wk] == [
+                ((kv * 64 + a, kv * 64 + b), (0, 256)) for a, b in els
+            ]
+    writes = [w for t in tiles for w in task_access(qkv, t, g, pos=9).writes]
+    per_buffer = Counter(name for t in tiles for name, _ in task_access(qkv, t, g).writes)
+    assert per_buffer == {"q": 4 * 2 * split_, "k_cache.0": 2 * 2 * split_,
+                          "v_cache.0": 2 * 2 * split_}  # fmt: skip
+    assert sum(volume(w) for _, w in writes) == sum(volume(b) for _, b in instr_writes(qkv, g, 9))
+    assert all(  # pairwise disjoint within each buffer, so the sum is an exact partition
+        intersect(a, b) is None
+        for i, (m, a) in enumerate(writes)
+        for n, b in writes[i + 1 :]
+        if m == n
+    )
+
+
+def test_qkv_tiles_must_be_whole_heads_or_pairs_of_one(fg: FusedGraph) -> None:
+    g = Geometry.of(fg, bind(fg, B4, Options()))
+    assert qkv_pairs(g, 64, 192) == [(0, 1, 0, 32), (0, 2, 0, 32)]
+    assert qkv_pairs(g, 4 * 64 + 8, 4 * 64 + 24) == [(1, 0, 4, 12)]  # k head 0, pairs 4..11
+    for bad in ((1, 33), (0, 31), (32, 96), (60, 70), (0, 9 * 64)):
+        with pytest.raises(ValueError):
+            qkv_pairs(g, *bad)
+    with pytest.raises(IRError, match="qkv_head_split=3 must divide head_dim / 2 = 32"):
+        build_schedule(fg, B4, Options(qkv_head_split=3))
+    with pytest.raises(ValueError, match="qkv_head_split=2 and qkv_heads_per_task=2"):
+        Options(qkv_head_split=2, qkv_heads_per_task=2)
+    with pytest.raises(ValueError, match="qkv_head_split must be a positive integer"):
+        Options(qkv_head_split=0)
+    with pytest.raises(LimitError, match="qkv_head_split 129 exceeds the limit 128"):
+        Options(qkv_head_split=129)
+    for opts in (Options(qkv_head_split=2), Options(qkv_head_split=8, row_tile=48)):
+        assert schedule_tasks(TINY, B4, opts) == len(build_schedule(fg, B4, opts).tasks)
+
+
+def test_qkv_split_counters_still_group_per_kv_head(fg: FusedGraph) -> None:
+    """With qkv_head_split = 2 attention of KV head g waits for the 2 * (2 + 2) QKV tasks of its
+    q heads, k head and v head, through one counter per KV group, as with whole heads."""
+    s = build_schedule(fg, B4, Options(qkv_head_split=2))
+    for layer in (0, 1):
+        qkv = _of(s, Kind.QKV_ROPE_APPEND, layer)
+        assert len(qkv) == 16
+        for t in _of(s, Kind.ATTN_PARTIAL, layer):
+            g = t.params[0]
+            heads = {2 * g, 2 * g + 1, 4 + g, 6 + g}
+            assert _needed(s, t) == {q.id for q in qkv if q.params[0] // 64 in heads}
+    qkv_counters = [n for name, n in s.counters if name.split(".")[1] == "qkv_rope_append"]
+    assert qkv_counters == [8] * 4
 
 
 # -- dependencies and counters ------------------------------------------------------------
@@ -227,8 +306,9 @@ def _closure(s: Schedule) -> list[set[int]]:
 
 
 @pytest.mark.parametrize("spec", [TINY, MISTRAL], ids=lambda s: s.name)
-@pytest.mark.parametrize("opts", [Options(), ODD, Options(policy="balanced", sm_count=108)],
-                         ids=["default", "odd", "balanced"])  # fmt: skip
+@pytest.mark.parametrize("opts", [Options(), ODD, Options(policy="balanced", sm_count=108),
+                                  Options(qkv_head_split=4, sm_count=7)],
+                         ids=["default", "odd", "balanced", "qkv_split"])  # fmt: skip
 def test_every_direct_hazard_is_waited_for(spec: ModelSpec, opts: Options) -> None:
     fg = layout(spec)
     s = build_schedule(fg, B4, opts)

@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 from amk_farm import catalog
 from amk_farm.cli import app
 from compiler.artifact import sha256_file
+from compiler.ir.fused import Kind
 from compiler.pipeline import compile_model
 from compiler.schedule.schedule import Options
 from compiler.spec import ShapeTemplate
 from verifier import identity, mutate
+from verifier.model import Bound
 from verifier.obligation import Obligation
 from verifier.verify import KERNEL_COPY, PARTS, Report, merge, obligations_of, verify
 
@@ -214,6 +216,43 @@ def test_other_sm_counts_and_tilings_prove(tmp_path, option):
     compile_model(spec, shape, "sm_90a", out, Options.for_target("sm_90a", 2, **option))
     report = verify(out, write_proof=False)
     assert report.ok, report.failures()
+
+
+def test_qkv_head_split_artifact_proves_and_its_qkv_bugs_are_rejected(tmp_path, monkeypatch):
+    """`amk-farm compile --option qkv_head_split=2`: QKV tasks of half a head (32 rows in pair
+    order, two element ranges of q or of the cache row each). The verifier proves it, its own
+    model writes each element once, and the planted QKV and KV-append bugs are still rejected
+    by their classes."""
+    from verifier.model import Geometry, ParamError, touches
+    from verifier.mutate import full_catalog, kill_rates
+
+    monkeypatch.setenv("AMK_HOME", str(tmp_path / "home"))
+    out = tmp_path / "split"
+    args = ["compile", "tiny-llama", "-t", "b2-s64", "-o", str(out), "--option", "qkv_head_split=2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["verify", str(out), "--json", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verified"] is True
+    sched = json.loads((out / "schedule.json").read_text())
+    qkv = tasks_of(sched, "qkv_rope_append", 0)
+    assert [t[4] for t in qkv] == [[a, a + 32] for a in range(0, 512, 32)]
+    g = Geometry.of(catalog.resolve("tiny-llama"), ShapeTemplate(2, 64), sched["binding"])
+    k0 = touches(Kind.QKV_ROPE_APPEND, 0, (4 * 64 + 32, 4 * 64 + 64), g)  # k head 0, pairs 16..31
+    assert [(r.buffer, r.concrete()) for r in k0.writes] == [("k_cache.0", None)] * 2
+    assert [r.spans[3] for r in k0.writes] == [
+        tuple(Bound.of(v) for v in span) for span in ((16, 32), (48, 64))
+    ]
+    for bad in ((1, 32), (32, 96), (0, 9 * 64)):  # an odd end, two half heads, past [Wq; Wk; Wv]
+        with pytest.raises(ParamError):
+            touches(Kind.QKV_ROPE_APPEND, 0, bad, g)
+    picked = tuple(
+        m for m in full_catalog() if "QKV" in m.name or "KV append" in m.name or "v-cache" in m.name
+    )
+    assert len(picked) >= 5
+    rates = kill_rates(out, tmp_path / "mutants", picked, rules=False)
+    missed = [m for m in rates["mutants"] if not m.get("killed")]
+    assert not missed, missed
 
 
 def test_softmax_lemmas_catch_their_planted_bugs():

@@ -228,6 +228,43 @@ class ParamError(ValueError):
     """A task's parameters do not fit its kind."""
 
 
+def _qkv_rows(r0: int, r1: int, g: Geometry) -> list[tuple[str, int, int, int]]:
+    """The elements device.py's qkv_rope_append writes for rows [r0, r1) of [Wq; Wk; Wv], as
+    (name, head, lo, hi): elements [lo, hi) of head `head` of q, k or v (and those rows of the
+    head in its weight).
+
+    The kernel takes task row v as row j = (r0 + v) mod D of head (r0 + v) / D, the head's
+    element e(j) = j / 2 + (j mod 2) * D/2, and pairs it with task row v ^ 1 for RoPE. That is
+    the RoPE pair (e, e + D/2) only if [r0, r1) is whole heads or an even range inside one head
+    (else row 0 or the last row pairs with a row outside the task): any other tile is a
+    ParamError. Rows [j0, j1) of a head are then elements [j0/2, j1/2) and
+    [j0/2 + D/2, j1/2 + D/2).
+    """
+    D, rows = g.D, (g.HQ + 2 * g.KV) * g.D
+    if not 0 <= r0 < r1 <= rows:
+        raise ParamError(f"qkv_rope_append rows [{r0}, {r1}) outside [0, {rows})")
+    whole = r0 % D == 0 and r1 % D == 0
+    if not whole and (r0 // D != (r1 - 1) // D or r0 % 2 or r1 % 2):
+        raise ParamError(
+            f"qkv_rope_append rows [{r0}, {r1}) are neither whole heads of {D} nor an even range "
+            "of one head: the kernel would pair rows of different RoPE pairs"
+        )
+    out = []
+    for h in range(r0 // D, -(-r1 // D)):
+        j0, j1 = max(r0 - h * D, 0), min(r1 - h * D, D)
+        name, head = (
+            ("q", h) if h < g.HQ else ("k", h - g.HQ) if h < g.HQ + g.KV else ("v", h - g.HQ - g.KV)
+        )
+        if (j0, j1) == (0, D):
+            out.append((name, head, 0, D))
+        else:
+            out += [
+                (name, head, j0 // 2, j1 // 2),
+                (name, head, j0 // 2 + D // 2, j1 // 2 + D // 2),
+            ]
+    return out
+
+
 def touches(kind: Kind, layer: int, params: tuple[int, ...], g: Geometry) -> Touch:
     """What the kernel's device function for `kind` does with these parameters (device.py)."""
     want = {Kind.ATTN_MERGE: 1, Kind.LMHEAD_ARGMAX: 1, Kind.DOWN_PARTIAL: 3, Kind.ARGMAX_REDUCE: 0}
@@ -246,18 +283,14 @@ def touches(kind: Kind, layer: int, params: tuple[int, ...], g: Geometry) -> Tou
         r0, r1 = params
         reads = [region("x", B, H), region(f"w_in.{n}", H), region("inv_freq", (0, D // 2))]
         writes: list[Region] = []
-        qd, kvd = g.HQ * D, g.KV * D
-        for name, base, size in (("q", 0, qd), ("k", qd, kvd), ("v", qd + kvd, kvd)):
-            lo, hi = max(r0, base) - base, min(r1, base + size) - base
-            if lo >= hi:
-                continue
-            reads.append(region(f"w{name}.{n}", (lo, hi), H))
+        pos = (Bound(1, 0), Bound(1, 1))
+        for name, head, lo, hi in _qkv_rows(r0, r1, g):
+            reads.append(region(f"w{name}.{n}", (head * D + lo, head * D + hi), H))
             if name == "q":
-                writes.append(region("q", B, (lo, hi)))
-            else:  # whole heads of the cache, at position pos
-                heads = _spans(B, (lo // D, -(-hi // D)))
-                pos = (Bound(1, 0), Bound(1, 1))
-                writes.append(Region(f"{name}_cache.{n}", (*heads, pos, *_spans((0, D)))))
+                writes.append(region("q", B, (head * D + lo, head * D + hi)))
+            else:  # element range [lo, hi) of one cache head, at position pos
+                heads = _spans(B, (head, head + 1))
+                writes.append(Region(f"{name}_cache.{n}", (*heads, pos, *_spans((lo, hi)))))
         return Touch(tuple(reads), tuple(writes))
     if kind is Kind.ATTN_PARTIAL:
         kvh, p = params

@@ -186,6 +186,7 @@ CATALOG: tuple[Mutant, ...] = (
     Mutant("tile start -1 (overlap)", "b", _param("down_partial", 0, -1, "last")),
     Mutant("embed columns shifted", "b", _param("embed", 0, 8)),
     Mutant("QKV rows shifted by a head", "b", _param("qkv_rope_append", 0, 8)),
+    Mutant("QKV rows split a RoPE pair", "i", _param("qkv_rope_append", 0, 1)),
     Mutant("attention partition index +1", "b", _param("attn_partial", 1, 1)),
     Mutant("attention KV head +1", "b", _param("attn_partial", 0, 1)),
     Mutant("merge KV head +1", "b", _param("attn_merge", 0, 1)),

@@ -80,7 +80,9 @@ RULES: dict[Kind, tuple[str, Rule]] = {
     Kind.QKV_ROPE_APPEND: (
         "qkv_rope_append",
         Matvec(
-            "QKV_ROPE_APPEND (r0, r1): rows [r0, r1) of [Wq; Wk; Wv] (whole heads), every batch row b:\n"
+            "QKV_ROPE_APPEND (r0, r1): rows [r0, r1) of [Wq; Wk; Wv] in pair order, every batch row b:\n"
+            "  task row j of a head is its element e(j) = j/2 + (j%2)*(D/2): rows 2i, 2i+1 the RoPE pair (i, i+D/2);\n"
+            "  whole heads, or an even sub-range of one head (both halves of each pair in the task)\n"
             "  h = rms(x[b]) * w_in;  y = W h;  q, k = rope(y) per head;  q -> q[b];  k, v -> cache[b, :, pos]\n"
             "  rope(y)[e] = y[e] cos(a) + rotate_half(y)[e] sin(a),  a = pos * INV_FREQ[e mod D/2]  (fp32)",
             ("const int r0 = t.a, r1 = t.b;", LAYER),
@@ -90,25 +92,27 @@ RULES: dict[Kind, tuple[str, Rule]] = {
             "w.input_layernorm",
             "r1 - r0",
             (
-                "const int r = r0 + v;  // row of [Wq; Wk; Wv]",
-                "if (r < QD) return w.q_proj + static_cast<size_t>(r) * H;",
-                "if (r < QD + KVD) return w.k_proj + static_cast<size_t>(r - QD) * H;",
-                "return w.v_proj + static_cast<size_t>(r - QD - KVD) * H;",
+                "const int r = r0 + v, j = r % D;  // task row j of its head",
+                "const int pr = r - j + j / 2 + (j % 2) * (D / 2);  // physical row of [Wq; Wk; Wv]: element e(j)",
+                "if (pr < QD) return w.q_proj + static_cast<size_t>(pr) * H;",
+                "if (pr < QD + KVD) return w.k_proj + static_cast<size_t>(pr - QD) * H;",
+                "return w.v_proj + static_cast<size_t>(pr - QD - KVD) * H;",
             ),
             (
-                "const int r = r0 + v, el = r % D;  // el: element within its head",
+                "const int j = (r0 + v) % D, el = j / 2 + (j % 2) * (D / 2);  // el: element e(j) of its head",
+                "const int pr = r0 + v - j + el;  // physical row of [Wq; Wk; Wv]",
                 "float out = y[v * B + b];",
-                "if (r < QD + KVD) {  // q or k: pairs (el, el + D/2) of a head are both in this task",
-                "  const float rot = el < D / 2 ? -y[(v + D / 2) * B + b] : y[(v - D / 2) * B + b];",
+                "if (pr < QD + KVD) {  // q or k: rows v and v ^ 1 are the pair (el, el +- D/2), r0 even",
+                "  const float rot = el < D / 2 ? -y[(v + 1) * B + b] : y[(v - 1) * B + b];",
                 "  float sn, cs;",
                 "  sincosf(static_cast<float>(pos) * INV_FREQ[el % (D / 2)], &sn, &cs);",
                 "  out = out * cs + rot * sn;",
                 "}",
-                "if (r < QD) {",
-                "  p.q[b * QD + r] = out;",
+                "if (pr < QD) {",
+                "  p.q[b * QD + pr] = out;",
                 "} else {  // cache[b, head, pos, el] of the k or the v cache",
-                "  const bool is_k = r < QD + KVD;",
-                "  const int kr = r - (is_k ? QD : QD + KVD);",
+                "  const bool is_k = pr < QD + KVD;",
+                "  const int kr = pr - (is_k ? QD : QD + KVD);",
                 "  bf16* cache = is_k ? w.k_cache : w.v_cache;",
                 "  cache[((static_cast<size_t>(b) * KV + kr / D) * S + pos) * D + el] = __float2bfloat16_rn(out);",
                 "}",

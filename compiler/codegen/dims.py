@@ -301,7 +301,8 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     const("KC", d.kc, "matvec input columns staged per chunk")
     const("SMEM_FLOATS", d.smem_floats, "work area in shared memory, in floats")
     e.line(
-        'static_assert(QKV_TILE % D == 0 && QKV_TILE <= MAX_VROWS && ROW_TILE <= MAX_VROWS, "matvec tiles");'
+        "static_assert((QKV_TILE % D == 0 || (QKV_TILE < D && QKV_TILE % 2 == 0)) && QKV_TILE <= MAX_VROWS"
+        ' && ROW_TILE <= MAX_VROWS, "matvec tiles");'
     )
     e.line('static_assert(EMBED_COLS % 8 == 0 && EMBED_COLS <= H, "EMBED: 16-byte column groups");')
     e.line('static_assert(I % KS == 0 && CI % 8 == 0 && H % 8 == 0, "16-byte rows");')

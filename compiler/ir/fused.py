@@ -29,6 +29,7 @@ Instruction kinds, with their `inputs` and `outputs` in this exact order (l = la
                      h = x * rsqrt(mean(x^2) + eps) * w; q = rope(h Wq^T); k = rope(h Wk^T);
                      v = h Wv^T; cache[:, :, pos] = k, v. rope(y)[i] = y[i] cos(a_i) +
                      rotate_half(y)[i] sin(a_i), a_i = pos * inv_freq[i mod D/2], per head.
+                     (Its tasks take rows in RoPE pair order, whole pairs each: schedule.py.)
     ATTN_PARTIAL     (q, k_cache.l, v_cache.l, pos) -> (attn_o, attn_m, attn_l)
                      head h reads KV head h // (Hq/KV). Partition p covers key positions
                      [p*C, min((p+1)*C, S)), C = ceil(S/P), restricted to lo <= j <= pos with

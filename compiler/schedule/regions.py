@@ -11,9 +11,11 @@ Runtime position. The schedule is static but `pos` is a runtime value, so `task_
 modes:
 
 * `pos=None` (static, conservative; what the scheduler uses): a QKV task's cache write covers
-  its KV heads' whole `[0:B, g, 0:S, 0:D]` slab, and an attention task's cache read covers its
-  whole partition `[p*C, min((p+1)*C, S))`, whatever `pos` and the sliding window are. Every
-  runtime access is inside these boxes, so dependencies derived from them hold at every `pos`.
+  its elements' `[0:B, g, 0:S, e0:e1]` slab of each KV head (all of `0:D` for a whole head; for
+  part of a head, its two element ranges, one in each half: schedule.py's pair order), and an
+  attention task's cache read covers its whole partition `[p*C, min((p+1)*C, S))`, whatever
+  `pos` and the sliding window are. Every runtime access is inside these boxes, so
+  dependencies derived from them hold at every `pos`.
 * `pos=<int>` (exact; what the interpreter checks): the cache write is the single position
   `[pos, pos+1)`, and the attention read is `[max(p*C, lo), min((p+1)*C, pos+1))` with
   `lo = max(0, pos - window + 1)`, omitted when empty.
@@ -188,13 +190,43 @@ def index(box: Box) -> tuple[slice, ...]:
 # -- accesses per kind ----------------------------------------------------------------------
 
 
-def _qkv_parts(g: Geometry, r0: int, r1: int) -> Iterable[tuple[int, int, int, int]]:
-    """Split stacked rows [r0, r1) into (part, local row lo, hi, ...): part 0 q, 1 k, 2 v."""
-    q, kv = g.Hq * g.D, g.KV * g.D
-    for part, base, size in ((0, 0, q), (1, q, kv), (2, q + kv, kv)):
-        a, b = max(r0, base), min(r1, base + size)
-        if a < b:
-            yield part, a - base, b - base, size
+def qkv_pairs(g: Geometry, r0: int, r1: int) -> list[tuple[int, int, int, int]]:
+    """The RoPE pairs of QKV rows [r0, r1) in pair order (schedule.py), as (part, head, i0, i1):
+    pairs (i, i + D/2) for i in [i0, i1) of head `head` of part 0 q, 1 k, 2 v.
+
+    Raises:
+        ValueError: the rows are neither whole heads nor an even sub-range of one head.
+    """
+    D, half = g.D, g.D // 2
+    if not 0 <= r0 < r1 <= g.qkv_rows:
+        raise ValueError(f"QKV rows [{r0}, {r1}) outside [0, {g.qkv_rows})")
+    if r0 % D == 0 and r1 % D == 0:
+        spans = [(h, 0, half) for h in range(r0 // D, r1 // D)]
+    elif r0 // D == (r1 - 1) // D and r0 % 2 == 0 and r1 % 2 == 0:
+        h = r0 // D
+        spans = [(h, (r0 - h * D) // 2, (r1 - h * D) // 2)]
+    else:
+        raise ValueError(f"QKV rows [{r0}, {r1}) are neither whole heads of {D} nor pairs of one")
+    out = []
+    for h, i0, i1 in spans:
+        part, head = (
+            (0, h) if h < g.Hq else (1, h - g.Hq) if h < g.Hq + g.KV else (2, h - g.Hq - g.KV)
+        )
+        out.append((part, head, i0, i1))
+    return out
+
+
+def _qkv_elements(g: Geometry, r0: int, r1: int) -> dict[int, list[tuple[int, int]]]:
+    """Per part, the element ranges (rows of its weight, columns of q) of QKV rows [r0, r1):
+    a head's pairs [i0, i1) are its elements [i0, i1) and [i0 + D/2, i1 + D/2); whole heads
+    coalesce into one range."""
+    half = g.D // 2
+    out: dict[int, list[tuple[int, int]]] = {}
+    for part, head, i0, i1 in qkv_pairs(g, r0, r1):
+        base = head * g.D
+        out.setdefault(part, []).extend(((base + i0, base + i1),
+                                         (base + half + i0, base + half + i1)))  # fmt: skip
+    return {p: [b[0] for b in coalesce((r,) for r in rs)] for p, rs in out.items()}
 
 
 def task_access(
@@ -220,12 +252,14 @@ def task_access(
         r0, r1 = params
         reads += [(ins[0], (B, H)), (ins[1], (H,)), (ins[5], ((0, D // 2),))]
         cache_pos = (0, g.S) if pos is None else (pos, pos + 1)
-        for part, a, b, _ in _qkv_parts(g, r0, r1):
-            reads.append((ins[2 + part], ((a, b), H)))
-            if part == 0:
-                writes.append((outs[0], (B, (a, b))))
-            else:
-                writes.append((outs[part], (B, (a // D, -(-b // D)), cache_pos, (0, D))))
+        for part, spans in sorted(_qkv_elements(g, r0, r1).items()):
+            for a, b in spans:
+                reads.append((ins[2 + part], ((a, b), H)))
+                if part == 0:
+                    writes.append((outs[0], (B, (a, b))))
+                else:  # whole heads: [a, b) is heads a/D .. b/D; else a range of one head
+                    heads, els = (a // D, -(-b // D)), (a % D, (b - 1) % D + 1)
+                    writes.append((outs[part], (B, heads, cache_pos, els)))
     elif k is Kind.ATTN_PARTIAL:
         kv, p = params
         h0, h1 = kv * g.G, (kv + 1) * g.G

@@ -15,7 +15,13 @@ and no host reset is needed between tokens. `step_offset` is 0 (this step) or -1
 
 Task parameters by kind (rows are half-open ranges; all tasks cover the whole batch):
     EMBED            (c0, c1)     columns [c0, c1) of x
-    QKV_ROPE_APPEND  (r0, r1)     rows of [Wq; Wk; Wv] (Hq*D + 2*KV*D rows), whole heads
+    QKV_ROPE_APPEND  (r0, r1)     rows of [Wq; Wk; Wv] (Hq*D + 2*KV*D rows) in pair order:
+                                  task row j of a head (a block of D rows: q heads, then k, then
+                                  v) is the head's element e(j) = j/2 + (j%2)*(D/2), so rows 2i
+                                  and 2i+1 are the RoPE pair (i, i + D/2). Whole heads (r0, r1
+                                  multiples of D), or an even sub-range of one head h, rows
+                                  h*D + [j0, j1): its elements [i0, i1) and [i0+D/2, i1+D/2),
+                                  i0 = j0/2, i1 = j1/2 (qkv_head_split)
     ATTN_PARTIAL     (g, p)       KV head g (query heads g*G .. g*G+G-1), partition p
     ATTN_MERGE       (g,)         query heads of KV head g
     OPROJ_RESIDUAL   (r0, r1)     rows of x
@@ -78,6 +84,7 @@ class Options:
     stage_bytes: int = 32768  # bytes of one slot: a multiple of 16 x the consumer warps
     work_bytes: int = 32768  # the consumers' shared work area (staged inputs, outputs)
     qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
+    qkv_head_split: int = 1  # QKV tasks per head (a divisor of D/2): D/s rows, whole RoPE pairs
     row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
     tile_policy: str = "fixed"  # fixed: row_tile; fit: at most sm_count tasks an instruction
     lm_head_rows: int = (
@@ -115,6 +122,11 @@ class Options:
             raise ValueError(f"option embed_cols must be a multiple of 8, got {self.embed_cols}")
         if self.threads % 32:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
+        if self.qkv_head_split > 1 and self.qkv_heads_per_task > 1:
+            raise ValueError(
+                f"options qkv_head_split={self.qkv_head_split} and qkv_heads_per_task="
+                f"{self.qkv_heads_per_task}: a task is part of one head or whole heads, not both"
+            )
 
     @classmethod
     def for_target(cls, arch: str, batch: int, hidden: int | None = None, **values: Any) -> Options:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from compiler.ir.fused import FusedGraph, Kind
+from compiler.ir.graph import IRError
 from compiler.schedule.regions import Geometry
 from compiler.schedule.schedule import Options
 from compiler.spec import ShapeTemplate
@@ -59,13 +60,28 @@ def row_tile(rows: int, splits: int, options: Options) -> int:
     return min(rows, -(-fewest // 8) * 8)
 
 
+def qkv_tiles(g: Geometry, options: Options) -> list[tuple[int, ...]]:
+    """QKV rows (pair order, schedule.py): qkv_heads_per_task whole heads a task, or with
+    qkv_head_split = s each head in s tasks of D/s rows, pairs [k*D/2s, (k+1)*D/2s) of the head.
+
+    Raises:
+        IRError: s does not divide D/2 (a task would hold half of a RoPE pair).
+    """
+    heads, s = g.Hq + 2 * g.KV, options.qkv_head_split
+    if s == 1:
+        return [(a * g.D, b * g.D) for a, b in _ranges(heads, options.qkv_heads_per_task)]
+    if (g.D // 2) % s:
+        raise IRError(f"option qkv_head_split={s} must divide head_dim / 2 = {g.D // 2}")
+    n = g.D // s
+    return [(h * g.D + k * n, h * g.D + (k + 1) * n) for h in range(heads) for k in range(s)]
+
+
 def tiles(kind: Kind, g: Geometry, options: Options) -> list[tuple[int, ...]]:
     """Tile parameters of one instruction of `kind`, in order."""
     if kind is Kind.EMBED:
         return list(_ranges(g.H, options.embed_cols))
     if kind is Kind.QKV_ROPE_APPEND:
-        heads = g.Hq + 2 * g.KV
-        return [(a * g.D, b * g.D) for a, b in _ranges(heads, options.qkv_heads_per_task)]
+        return qkv_tiles(g, options)
     if kind is Kind.ATTN_PARTIAL:
         return [(kv, p) for kv in range(g.KV) for p in range(g.P)]
     if kind is Kind.ATTN_MERGE:

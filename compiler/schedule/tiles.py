@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 import numpy as np
 
 from compiler.ir.fused import Instr, Kind
-from compiler.schedule.regions import Geometry
+from compiler.schedule.regions import Geometry, qkv_pairs
 
 Array = np.ndarray
 Buffers = MutableMapping[str, Array]
@@ -24,15 +24,6 @@ Weights = Mapping[str, Array]
 def rms_norm(x: Array, w: Array, eps: float) -> Array:
     """x [B, H] / sqrt(mean(x^2) + eps) * w, over the whole row."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(np.float64)
-
-
-def rope(y: Array, pos: int, inv_freq: Array) -> Array:
-    """RoPE on y [B, heads, D] at position pos: y cos(a) + rotate_half(y) sin(a)."""
-    a = pos * inv_freq  # [D/2]
-    a = np.concatenate([a, a])  # [D]
-    half = y.shape[-1] // 2
-    rot = np.concatenate([-y[..., half:], y[..., :half]], axis=-1)
-    return y * np.cos(a) + rot * np.sin(a)
 
 
 def matmul_t(h: Array, w: Array) -> Array:
@@ -53,23 +44,29 @@ def embed(ins: Instr, p: tuple[int, ...], g: Geometry, buf: Buffers, wt: Weights
 def qkv_rope_append(
     ins: Instr, p: tuple[int, ...], g: Geometry, buf: Buffers, wt: Weights, pos: int
 ) -> None:
+    """QKV rows [r0, r1) in pair order (schedule.py): each RoPE pair (i, i + D/2) of a head at
+    once, y_i cos(a_i) - y_{i+D/2} sin(a_i) and y_{i+D/2} cos(a_i) + y_i sin(a_i)."""
     r0, r1 = p
     x, w = buf[ins.inputs[0]], wt[ins.inputs[1]]
     inv = buf[ins.inputs[5]]
     h = rms_norm(x, w, g.eps)  # [B, H]
-    q_rows, kv_rows, d = g.Hq * g.D, g.KV * g.D, g.D
-    for part, base, size in ((0, 0, q_rows), (1, q_rows, kv_rows), (2, q_rows + kv_rows, kv_rows)):
-        a, b = max(r0, base) - base, min(r1, base + size) - base
-        if a >= b:
-            continue
-        y = matmul_t(h, wt[ins.inputs[2 + part]][a:b])  # [B, b - a]
-        y = y.reshape(g.B, (b - a) // d, d)  # whole heads
+    d, half = g.D, g.D // 2
+    for part, head, i0, i1 in qkv_pairs(g, r0, r1):
+        lo, hi = head * d + i0, head * d + half + i0  # first element of each half
+        n = i1 - i0
+        weight = wt[ins.inputs[2 + part]]
+        y1, y2 = matmul_t(h, weight[lo : lo + n]), matmul_t(h, weight[hi : hi + n])  # [B, n]
         if part < 2:
-            y = rope(y, pos, inv)
+            a = pos * inv[i0:i1]  # [n]
+            cs, sn = np.cos(a), np.sin(a)
+            y1, y2 = y1 * cs + -y2 * sn, y2 * cs + y1 * sn
         if part == 0:
-            buf[ins.outputs[0]][:, a:b] = y.reshape(g.B, b - a)
+            buf[ins.outputs[0]][:, lo : lo + n] = y1
+            buf[ins.outputs[0]][:, hi : hi + n] = y2
         else:
-            buf[ins.outputs[part]][:, a // d : b // d, pos, :] = y
+            cache = buf[ins.outputs[part]]
+            cache[:, head, pos, i0:i1] = y1
+            cache[:, head, pos, half + i0 : half + i1] = y2
 
 
 def attn_partial(
