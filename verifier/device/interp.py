@@ -28,7 +28,16 @@ import z3
 
 from verifier.device import nodes as n
 from verifier.device.exprs import ExprEval
-from verifier.device.sync_values import TID, Opaque, Ptr, as_bool, concrete, fresh, mentions_tid, symbols
+from verifier.device.sync_values import (
+    TID,
+    Opaque,
+    Ptr,
+    as_bool,
+    concrete,
+    fresh,
+    mentions_tid,
+    symbols,
+)
 
 
 class InterpError(ValueError):
