@@ -67,6 +67,7 @@ from verifier import (
 from verifier.batch_invariance import ExprError
 from verifier.cache import ProofCache
 from verifier.determinism import float_atomics
+from verifier.device import judge
 from verifier.fused_terms import rope_table
 from verifier.kernel_table import TableError, read_table, same_tasks
 from verifier.model import Geometry, ParamError, Touch, touches
@@ -362,6 +363,7 @@ def _kernel_obligations(
     except TableError as e:
         report.checks.append((name, False, str(e).splitlines()[0]))
         return own
+    own += _device_code(directory, text, g, report)
     why = attention.reviewed(text)
     report.checks.append(
         ("(e) kernel.cu's softmax functions are the ones the lemmas cover", not why, why)
@@ -381,6 +383,20 @@ def _kernel_obligations(
     touched = _touched(table, kg, report)
     obs = _per_schedule(table, touched, kg)
     return own + [replace(ob, subject=f"{KERNEL_COPY}{ob.subject}") for ob in obs]
+
+
+def _device_code(directory: Path, text: str, g: Geometry, report: Report) -> list[Obligation]:
+    """kernel.cu's device code parsed, its counter protocol checked and its task bodies'
+    obligations made (`verifier.device.judge`)."""
+    try:
+        arch = read_manifest(directory).arch
+        fused = FusedGraph.loads((directory / "fused.json").read_text())
+    except (OSError, ArtifactError, IRError) as e:
+        report.checks.append((judge.PARSED, False, str(e).splitlines()[0]))
+        return []
+    checks, obs = judge.judge(text, arch, fused, g)
+    report.checks += checks
+    return obs
 
 
 def _write_proof(directory: Path, report: Report) -> None:
