@@ -46,7 +46,7 @@ from fractions import Fraction
 from typing import Any
 
 from compiler.ir.fused import FusedGraph, Instr, Kind
-from verifier.algebra import _walk, agree, differ, equal_obligations, pinned
+from verifier.algebra import agree, differ, equal_obligations, pinned, walk
 from verifier.device.binding import Binding
 from verifier.device.execute import Executor, Load, Store, Strided
 from verifier.device.kernel import Kernel
@@ -253,12 +253,10 @@ def _disjoint(
 def _rescales(
     s: Store, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
 ) -> list[Obligation]:
-    args = [x[2] for x in _walk(s.value.term) if isinstance(x, tuple) and x[:2] == ("f", "exp")]
+    args = [x[2] for x in walk(s.value.term) if isinstance(x, tuple) and x[:2] == ("f", "exp")]
     if not args:
         return []
-    reals = {
-        x[1]: len(x[2]) for x in _walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)
-    }
+    reals = {x[1]: len(x[2]) for x in walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)}
     facts = _int_decls((s.offset, s.guard, *args), ranges) + _int_ranges(tuple(args), g)
     facts += "".join(
         f"(declare-fun {a} ({' '.join(['Int'] * k)}) Real)\n" for a, k in sorted(reals.items())
@@ -310,7 +308,7 @@ def _finding(where: str, line: int, why: str) -> Obligation:
 def _int_decls(things: Any, ranges: dict[str, tuple[int, int]]) -> str:
     names: set[str] = set()
     arrays: dict[str, int] = {}
-    for x in _walk(tuple(things)):
+    for x in walk(tuple(things)):
         if isinstance(x, Aff):
             names |= {a for a, _ in x.terms if isinstance(a, str)}
         if isinstance(x, tuple) and x and x[0] == "vi":
@@ -329,7 +327,7 @@ def _int_decls(things: Any, ranges: dict[str, tuple[int, int]]) -> str:
 def _int_ranges(things: Any, g: Geometry) -> str:
     """Every integer input element read lies in its valid range (a token is in [0, V))."""
     out = []
-    for x in _walk(tuple(things)):
+    for x in walk(tuple(things)):
         if isinstance(x, tuple) and x and x[0] == "vi" and x[1] in INT_ARRAYS:
             e = f"({x[1]} {' '.join(smt_aff(i, {}) for i in x[2])})"
             out.append(f"(assert (and (<= 0 {e}) (< {e} {g.V})))")
