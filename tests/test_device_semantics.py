@@ -60,6 +60,7 @@ def test_the_loop_kinds_are_proved(tiny: Case) -> None:
     for fn in ("down_residual", "embed", "attn_merge"):
         assert any(c.startswith(f"{fn} computes") for c in names), fn
         assert any(c.startswith(f"{fn}: the iterations") for c in names), fn
+        assert f"{fn}: its stores lie in the region its task writes" in names, fn
     assert any("__trap() is unreachable" in c for c in names)
     bad = [(ob.name, r.status, r.reason) for ob, r in results if not r.proved]
     assert not bad, bad
@@ -99,6 +100,10 @@ MUTANTS = [
         "a load off by one",
     ),
     ("attn_merge", "k < P; ++k) mx", "k < P - 1; ++k) mx", "the max misses a partition"),
+    # coverage: the right values at the wrong place
+    ("down_residual", "r = r0 + i % n;", "r = r0 + i % n + 1;", "the residual one row off"),
+    ("attn_merge", "h = g * G + (i / D) % G", "h = (i / D) % G", "heads of the wrong group"),
+    ("attn_merge", "i < B * G * D;", "i < B * G * D - 1;", "an element never stored"),
 ]
 
 
@@ -111,6 +116,23 @@ def test_planted_bugs_fail_naming_the_function(
     assert failed, bug
     assert all(ob.name.startswith(f"(f) {fn}") for ob, _ in failed), [ob.name for ob, _ in failed]
     assert any("kernel.cu line" in ob.subject for ob, _ in failed)
+
+
+@pytest.fixture(scope="module")
+def tiled() -> Case:
+    """EMBED in tiles of 64 columns: four tasks, so a body that ignores c0 is caught."""
+    spec = catalog.resolve("tiny-llama")
+    fg = layout(spec)
+    template = ShapeTemplate.parse("b2-s64")
+    sched = build_schedule(fg, template, Options(embed_cols=64))
+    return render_kernel(fg, sched), fg, Geometry.of(spec, template, sched.bound())
+
+
+def test_a_body_that_ignores_its_tile_fails_coverage(tiled: Case) -> None:
+    assert all(r.proved for _, r in judged(tiled[0], tiled))
+    text = edit(tiled[0], "embed", "c = c0 + 8 * (i % n8)", "c = 8 * (i % n8)")
+    failed = {ob.check for ob, r in judged(text, tiled) if not r.proved}
+    assert failed == {"embed: its stores lie in the region its task writes"}, failed
 
 
 def test_a_maximum_that_misses_a_partition_fails_float_safety(tiny: Case) -> None:

@@ -15,6 +15,9 @@ SMT query over that symbolic element, every batch row and position:
 * disjoint: two different iterations never store the same element, nor does one store an
   element another loads (so "every i in [0, N) stores its values" is the loop's effect, whatever
   the threads' interleaving), nor do two stores of one iteration overlap;
+* coverage (`verifier.device.coverage`): the stores lie in the region the model says the task
+  writes (`verifier.model.touches`), every iteration stores, and their count is the region's
+  volume: with disjointness, each element of the region is stored exactly once;
 * no trap: a `__trap()` is unreachable for valid inputs (every token in [0, V));
 * float safety (ATTN_MERGE): every exponent the kernel takes is <= 0 (a rescale never
   overflows). Over the reals the merge's value does not depend on the maximum it subtracts, so
@@ -48,7 +51,9 @@ from typing import Any
 from compiler.ir.fused import FusedGraph, Instr, Kind
 from verifier.algebra import agree, differ, equal_obligations, pinned, walk
 from verifier.device.binding import Binding
+from verifier.device.coverage import coverage
 from verifier.device.execute import Executor, Load, Store, Strided
+from verifier.device.facts import int_decls, int_ranges
 from verifier.device.kernel import Kernel
 from verifier.device.nodes import ParseError, Unit
 from verifier.device.values import FALSE, TRUE, Params, Real, Struct, Unsupported, rename
@@ -65,7 +70,6 @@ LOOP_KINDS: dict[Kind, str] = {
     Kind.EMBED: "range",
     Kind.ATTN_MERGE: "index",
 }
-INT_ARRAYS = ("token",)  # integer inputs and their valid range [0, V)
 SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
 
 
@@ -87,15 +91,17 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
         if name is None:
             out.append(_finding("amk_megakernel", 0, f"the switch runs nothing for OP_{kind.name}"))
             continue
-        for shape, ranges, params in _tiles(how, [t for t in tasks if t["op"] == op]):
-            out += _task(k, fused, g, instr, name, shape, ranges, params)
+        for tile in _tiles(how, [t for t in tasks if t["op"] == op]):
+            out += _task(k, fused, g, instr, name, tile)
     return list({ob.key: ob for ob in out}.values())
 
 
-def _tiles(
-    how: str, tasks: list[dict[str, int]]
-) -> Iterable[tuple[str, dict[str, tuple[int, int]], dict[str, Aff]]]:
-    """(tile name, ranges of the param symbols, the Task fields a, b, c) per tile shape."""
+Tile = tuple[str, dict[str, tuple[int, int]], dict[str, Aff], list[dict[str, int]]]
+
+
+def _tiles(how: str, tasks: list[dict[str, int]]) -> Iterable[Tile]:
+    """(tile name, ranges of the param symbols, the Task fields a, b, c, the TASKS entries) per
+    tile shape."""
     groups: dict[int, list[dict[str, int]]] = {}
     for t in tasks:
         groups.setdefault(t["b"] - t["a"] if how == "range" else 0, []).append(t)
@@ -107,7 +113,7 @@ def _tiles(
             ranges["tb"] = (min(t["b"] for t in ts), max(t["b"] for t in ts) + 1)
         ranges["tc"] = (min(t["c"] for t in ts), max(t["c"] for t in ts) + 1)
         params["c"] = Aff.of("tc")
-        yield (f"width {width}" if how == "range" else "every tile"), ranges, params
+        yield (f"width {width}" if how == "range" else "every tile"), ranges, params, ts
 
 
 def _task(
@@ -116,10 +122,9 @@ def _task(
     g: Geometry,
     instr: Instr,
     name: str,
-    shape: str,
-    ranges: dict[str, tuple[int, int]],
-    params: dict[str, Aff],
+    tile: Tile,
 ) -> list[Obligation]:
+    shape, ranges, params, tasks = tile
     ranges = {**ranges, "pos": (0, g.S)}
     bind = Binding(k, fused, g, max(instr.layer, 0), ranges)
     ex = Executor(k, bind.pointer, bind.element, ranges)
@@ -157,6 +162,9 @@ def _task(
             out += _rescales(s, where, ranges, g)
     for loop in ex.strided:
         out.append(_disjoint(loop, ex.stores, ex.loads, where, ranges, g))
+    symbols = {f: p.terms[0][0] for f, p in params.items() if p.terms and p.terms[0][1] == 1}
+    symbols = {f: x for f, x in symbols.items() if x == f"t{f}"}
+    out += coverage(ex.stores, ex.strided, instr, tasks, symbols, bind, g, where, ranges)
     for trap in ex.traps:
         if trap.guard != FALSE:
             out.append(_no_trap(trap.guard, trap.line, where, ranges, g))
@@ -195,7 +203,7 @@ def _value(
     spec = Fused(instr, g, r, tables, _inv_freq(fused)).output(buffer, idx)
     assert isinstance(s.value, Real)
     check = f"{s.function} computes {instr.kind.name} {buffer}"
-    extra = _int_ranges((spec, s.value.term, s.guard), g)
+    extra = int_ranges((spec, s.value.term, s.guard), g)
     if s.guard != TRUE:
         extra += f"(assert {smt_cond(s.guard, {})})\n"
     if agree(spec, s.value.term, r, tables):
@@ -238,7 +246,7 @@ def _disjoint(
     r = {**ranges, j: ranges[i]}
     things = [(s.offset, s.guard, rename((s.offset, s.guard), other)) for s in mine]
     things += [rename((ld.offset, ld.guard), other) for ld in reads]
-    facts = _int_decls(things, r) + _int_ranges(things, g)
+    facts = int_decls(things, r) + int_ranges(things, g)
     return Obligation(
         "f",
         f"{loop.function}: the iterations of its strided loop store disjoint elements",
@@ -257,7 +265,7 @@ def _rescales(
     if not args:
         return []
     reals = {x[1]: len(x[2]) for x in walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)}
-    facts = _int_decls((s.offset, s.guard, *args), ranges) + _int_ranges(tuple(args), g)
+    facts = int_decls((s.offset, s.guard, *args), ranges) + int_ranges(tuple(args), g)
     facts += "".join(
         f"(declare-fun {a} ({' '.join(['Int'] * k)}) Real)\n" for a, k in sorted(reals.items())
     )
@@ -285,7 +293,7 @@ def _no_trap(
         f"{where.split(',')[0]}: __trap() is unreachable for valid inputs",
         -1,
         f"{where}, the trap at kernel.cu line {line}",
-        _int_decls([guard], ranges) + _int_ranges([guard], g),
+        int_decls([guard], ranges) + int_ranges([guard], g),
         f"(assert {smt_cond(guard, {})})\n",
         data={"mode": "device", "why": f"the trap at line {line} is reachable"},
     )
@@ -303,35 +311,6 @@ def _finding(where: str, line: int, why: str) -> Obligation:
         "(assert true)\n",
         data={"mode": "device", "why": why},
     )
-
-
-def _int_decls(things: Any, ranges: dict[str, tuple[int, int]]) -> str:
-    names: set[str] = set()
-    arrays: dict[str, int] = {}
-    for x in walk(tuple(things)):
-        if isinstance(x, Aff):
-            names |= {a for a, _ in x.terms if isinstance(a, str)}
-        if isinstance(x, tuple) and x and x[0] == "vi":
-            arrays[x[1]] = len(x[2])
-    lines = []
-    for v in sorted(names):
-        lines.append(f"(declare-const {v} Int)")
-        if v in ranges:
-            lo, hi = ranges[v]
-            lines.append(f"(assert (and (<= {lo} {v}) (< {v} {hi})))")
-    for a, arity in sorted(arrays.items()):
-        lines.append(f"(declare-fun {a} ({' '.join(['Int'] * arity)}) Int)")
-    return "\n".join(lines) + "\n"
-
-
-def _int_ranges(things: Any, g: Geometry) -> str:
-    """Every integer input element read lies in its valid range (a token is in [0, V))."""
-    out = []
-    for x in walk(tuple(things)):
-        if isinstance(x, tuple) and x and x[0] == "vi" and x[1] in INT_ARRAYS:
-            e = f"({x[1]} {' '.join(smt_aff(i, {}) for i in x[2])})"
-            out.append(f"(assert (and (<= 0 {e}) (< {e} {g.V})))")
-    return "".join(f"{x}\n" for x in dict.fromkeys(out))
 
 
 def _inv_freq(fused: FusedGraph) -> tuple[float, ...]:
