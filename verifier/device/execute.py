@@ -24,7 +24,7 @@ from verifier.device import nodes as n
 from verifier.device.effects import Load, Store, Strided, Trap, _Return
 from verifier.device.lvalues import LValue, Var
 from verifier.device.statements import Statements
-from verifier.device.values import Unsupported
+from verifier.device.values import Closure, Unsupported
 
 __all__ = ["Executor", "Load", "Store", "Strided", "Trap"]
 
@@ -63,5 +63,25 @@ class Executor(Statements):
         finally:
             self.scopes = saved
             self.functions.pop()
+            self.entry.pop()
+        return out
+
+    def call_closure(self, c: Closure, args: list[Any], line: int) -> Any:
+        lam = c.node
+        if len(args) != len(lam.params):
+            raise Unsupported(f"a lambda of {len(lam.params)} parameters given {len(args)}", line)
+        saved = self.scopes
+        frame: dict[str, LValue] = {}
+        for p, a in zip(lam.params, args, strict=True):
+            frame[p.name] = Var(self.cell(self.coerce(a, p.type.text, p.line), p.name))
+        self.scopes = [*c.scopes, frame]
+        self.entry.append(self.guard)
+        try:
+            self.block(lam.body)
+            out = None
+        except _Return as r:
+            out = r.value
+        finally:
+            self.scopes = saved
             self.entry.pop()
         return out

@@ -14,8 +14,10 @@ from verifier.device.memory import LANES, Memory
 from verifier.device.values import (
     FALSE,
     NEG_INF,
+    NULL,
     TRUE,
     Bool,
+    Closure,
     LayerRef,
     Layers,
     Params,
@@ -48,6 +50,10 @@ UNARY_FNS = {"expf": "exp", "__expf": "exp", "rsqrtf": "rsqrt", "sqrtf": "sqrt"}
 class Expressions(Memory):
     def call(self, f: n.Function, args: list[LValue], targs: list[Any]) -> Any:
         """Inline device function f (the executor's)."""
+        raise NotImplementedError
+
+    def call_closure(self, c: Closure, args: list[Any], line: int) -> Any:
+        """Run lambda c on argument values (the executor's)."""
         raise NotImplementedError
 
     def expr(self, e: n.Expr) -> Any:
@@ -84,6 +90,8 @@ class Expressions(Memory):
             return self.cast(e)
         if isinstance(e, n.BraceInit) and e.type is not None:
             return self.brace(self.k.base_type(e.type.text), e)
+        if isinstance(e, n.Lambda):
+            return Closure(e, tuple(self.scopes))
         raise Unsupported(f"{type(e).__name__} expression in a task body", e.line)
 
     def name(self, e: n.Name) -> Any:
@@ -94,6 +102,8 @@ class Expressions(Memory):
             return lv.get()
         if e.id in ("true", "false"):
             return Bool(TRUE if e.id == "true" else FALSE)
+        if e.id == "nullptr":
+            return NULL
         v = self.k.constant(e.id)
         if v is None:
             raise Unsupported(f"{e.id} is neither a local nor a constexpr", e.line)
@@ -277,6 +287,11 @@ class Expressions(Memory):
         if not isinstance(e.func, n.Name):
             raise Unsupported("a call of something other than a function name", e.line)
         name = e.func.id
+        local = self.lookup(name, e.line)
+        if local is not None and isinstance(local.get(), Closure):
+            return self.call_closure(local.get(), [self.expr(a) for a in e.args], e.line)
+        if name in self.summaries:
+            return self.summaries[name](self, e)
         if name in self.k.functions:
             f = self.k.function(name, len(e.args), e.line)
             args: list[LValue] = []

@@ -40,6 +40,10 @@ class Memory:
         self.loop = ""  # the strided loop being executed
         self.functions: list[str] = []
         self.entry: list[Term] = []  # the path guard at each inlined call's entry
+        # calls summarized rather than inlined (`verifier.device.matvec`): name -> (executor, call)
+        self.summaries: dict[str, Callable[[Any, Any], Any]] = {}
+        # shared arrays whose content a summary defines: name -> (offset, line) -> value
+        self.shared: dict[str, Callable[[Aff, int], Any]] = {}
 
     @property
     def function(self) -> str:
@@ -84,6 +88,8 @@ class Memory:
             if not d.is_const():
                 raise Unsupported(f"a load of {p.array} that may alias an earlier store", line)
         self.loads.append(Load(p.array, offset, self.guard, line, self.loop))
+        if p.array in self.shared:
+            return self.shared[p.array](offset, line)
         idx = self.element(p.array, offset)
         if p.elem in ("i64", "int"):
             return Aff.of(("vi", p.array, idx))

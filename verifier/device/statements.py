@@ -67,9 +67,13 @@ class Statements(Expressions):
                 v: Any = Undef(x.name)
             elif isinstance(x.init, n.BraceInit):
                 v = self.brace(base, x.init)
-            elif "&" in d.type.text:
+            elif "&" in d.type.text and not (
+                d.type.text.startswith("const ") and isinstance(x.init, n.Index)
+            ):
                 self.scopes[-1][x.name] = self.lvalue(x.init)
                 continue
+            elif "&" in d.type.text:  # const T& r = a[i]: the element's value (p.layers[l])
+                v = self.expr(x.init)
             else:
                 v = self.coerce(self.expr(x.init), d.type.text, x.line)
             self.scopes[-1][x.name] = Var(self.cell(v, x.name), x.line)

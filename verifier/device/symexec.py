@@ -25,9 +25,12 @@ SMT query over that symbolic element, every batch row and position:
 
 Terms are layer-free (arrays by role), so one proof covers every layer and the proof cache shares
 them. Anything the executor does not model fails as an obligation naming the device function and
-the kernel.cu line, never a skip. Loop kinds so far: DOWN_RESIDUAL, EMBED, ATTN_MERGE.
+the kernel.cu line, never a skip. Loop kinds so far: DOWN_RESIDUAL, EMBED, ATTN_MERGE; matvec
+kinds DOWN_PARTIAL and OPROJ_RESIDUAL, whose `matvec<K>` call is summarized (`verifier.device.
+matvec`: y[v][b] = sum_k xin[b][k] row(v)[k], the row map run from the kind's producer function,
+the epilogue executed on it; the epilogue's reads of y are proved inside the outputs computed).
 
-The matvec kinds, next: `matvec<K>` is summarized per output row v and batch row b, not per
+What the summary still trusts, the plan to prove it from the code: `matvec<K>` is summarized per output row v and batch row b, not per
 thread. The K loop of each chunk (`for (k0 ..)` of matvec_fma, each warp's lanes over 8-column
 groups, then group_sum's xor butterfly and the warps' parts in order) is a sum over index ranges:
 the lanes' partial sums are sums over disjoint column sets (lane l takes k = 8l + 256 m), the
@@ -50,13 +53,14 @@ from typing import Any
 
 from compiler.ir.fused import FusedGraph, Instr, Kind
 from verifier.algebra import agree, differ, equal_obligations, pinned, walk
+from verifier.device import matvec
 from verifier.device.binding import Binding
 from verifier.device.coverage import coverage
 from verifier.device.execute import Executor, Load, Store, Strided
 from verifier.device.facts import int_decls, int_ranges
 from verifier.device.kernel import Kernel
-from verifier.device.nodes import ParseError, Unit
-from verifier.device.values import FALSE, TRUE, Params, Real, Struct, Unsupported, rename
+from verifier.device.nodes import Function, ParseError, Unit
+from verifier.device.values import FALSE, TRUE, Params, Ptr, Real, Struct, Unsupported, rename
 from verifier.fused_terms import Fused, index_vars
 from verifier.graph_terms import unflatten
 from verifier.model import Geometry
@@ -69,6 +73,8 @@ LOOP_KINDS: dict[Kind, str] = {
     Kind.DOWN_RESIDUAL: "range",
     Kind.EMBED: "range",
     Kind.ATTN_MERGE: "index",
+    Kind.DOWN_PARTIAL: "range",  # matvec kinds: `verifier.device.matvec`
+    Kind.OPROJ_RESIDUAL: "range",
 }
 SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
 
@@ -129,27 +135,10 @@ def _task(
     bind = Binding(k, fused, g, max(instr.layer, 0), ranges)
     ex = Executor(k, bind.pointer, bind.element, ranges)
     where = f"{name}, {shape}"
+    summaries = matvec.install(ex, lambda: _producer(k, bind, ranges, name, params), g.B)
     try:
         f = k.function(name, 6)
-        args: list[Any] = []
-        for p in f.params:
-            t = k.base_type(p.type.text)
-            if t == "Params":
-                args.append(Params())
-            elif t == "Task":
-                fields = tuple(
-                    (
-                        fld,
-                        params.get(fld, Aff.of("layer") if fld == "layer" else Aff.of(f"t_{fld}")),
-                    )
-                    for fld, _ in k.struct_fields("Task")
-                )
-                args.append(Struct("Task", fields))
-            elif t == "int":
-                args.append(Aff.of(p.name))
-            else:
-                args.append(Struct(t, ()))
-        ex.run(name, args)
+        ex.run(name, _args(k, f, params))
     except (Unsupported, ParseError) as e:
         return [_finding(where, getattr(e, "line", 0), str(e))]
     out: list[Obligation] = []
@@ -165,6 +154,8 @@ def _task(
     symbols = {f: p.terms[0][0] for f, p in params.items() if p.terms and p.terms[0][1] == 1}
     symbols = {f: x for f, x in symbols.items() if x == f"t{f}"}
     out += coverage(ex.stores, ex.strided, instr, tasks, symbols, bind, g, where, ranges)
+    for m in summaries:
+        out += [_read_bounds(ld, m, where, ranges, g) for ld in ex.loads if ld.array == matvec.PART]
     for trap in ex.traps:
         if trap.guard != FALSE:
             out.append(_no_trap(trap.guard, trap.line, where, ranges, g))
@@ -174,6 +165,39 @@ def _task(
             _finding(where, line, "a store outside a strided loop (one thread's, or all's?)")
         )
     return out
+
+
+def _args(k: Kernel, f: Function, params: dict[str, Aff]) -> list[Any]:
+    """Symbolic arguments of a task body's or a producer's parameters."""
+    args: list[Any] = []
+    for p in f.params:
+        t = k.base_type(p.type.text)
+        if t == "Params":
+            args.append(Params())
+        elif t == "Task":
+            fields = tuple(
+                (fld, params.get(fld, Aff.of("layer") if fld == "layer" else Aff.of(f"t_{fld}")))
+                for fld, _ in k.struct_fields("Task")
+            )
+            args.append(Struct("Task", fields))
+        elif t == "int":
+            args.append(Aff.of(p.name))
+        elif t == "Smem":
+            args.append(Struct("Smem", (("f", Ptr(matvec.PART, "float", Aff(0), "float")),)))
+        else:
+            args.append(Struct(t, ()))
+    return args
+
+
+def _producer(
+    k: Kernel, bind: Binding, ranges: dict[str, tuple[int, int]], name: str, params: dict[str, Aff]
+) -> Executor:
+    """The kind's producer function load_<name>, run up to its load_matvec call."""
+    ex = Executor(k, bind.pointer, bind.element, ranges)
+    matvec.capture(ex)
+    f = k.function(f"load_{name}", 4)
+    ex.run(f.name, _args(k, f, params))
+    return ex
 
 
 def _value(
@@ -255,6 +279,24 @@ def _disjoint(
         facts,
         f"(assert (or false {' '.join(bad)}))\n",
         data={"mode": "device", "why": f"two iterations of the loop at line {loop.line} overlap"},
+    )
+
+
+def _read_bounds(
+    ld: Load, m: matvec.Matvec, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
+) -> Obligation:
+    off = ld.offset - m.xs
+    inside = (
+        f"(and (<= 0 {smt_aff(off, {})}) (< {smt_aff(off, {})} {smt_aff(m.nrows.scale(g.B), {})}))"
+    )
+    return Obligation(
+        "f",
+        f"{m.function}: the epilogue reads only the outputs matvec computed",
+        -1,
+        f"{where}, the read at kernel.cu line {ld.line}",
+        int_decls((off, ld.guard, m.nrows), ranges) + f"(assert {smt_cond(ld.guard, {})})\n",
+        f"(assert (not {inside}))\n",
+        data={"mode": "device", "why": f"the read at line {ld.line} misses the outputs"},
     )
 
 

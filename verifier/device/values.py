@@ -107,6 +107,22 @@ class Undef:
     name: str
 
 
+@dataclass(frozen=True)
+class NullPtr:
+    """`nullptr`: may only be compared with a pointer."""
+
+
+NULL = NullPtr()
+
+
+@dataclass(frozen=True)
+class Closure:
+    """A lambda: its node (`nodes.Lambda`) and the scopes it captures by reference."""
+
+    node: Any
+    scopes: tuple[Any, ...]
+
+
 @dataclass
 class Cell:
     value: Any
