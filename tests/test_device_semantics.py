@@ -57,9 +57,10 @@ def edit(text: str, name: str, old: str, new: str, regex: bool = False) -> str:
 def test_the_loop_kinds_are_proved(tiny: Case) -> None:
     results = judged(tiny[0], tiny)
     names = {ob.check for ob, _ in results}
-    for fn in ("down_residual", "embed", "attn_merge"):
+    for fn in ("down_residual", "embed", "attn_merge", "down_partial", "oproj_residual"):
         assert any(c.startswith(f"{fn} computes") for c in names), fn
         assert any(c.startswith(f"{fn}: the iterations") for c in names), fn
+        assert f"{fn}: its stores lie in the region its task writes" in names, fn
     assert any("__trap() is unreachable" in c for c in names)
     bad = [(ob.name, r.status, r.reason) for ob, r in results if not r.proved]
     assert not bad, bad
@@ -99,6 +100,22 @@ MUTANTS = [
         "a load off by one",
     ),
     ("attn_merge", "k < P; ++k) mx", "k < P - 1; ++k) mx", "the max misses a partition"),
+    # matvec kinds: the epilogue, the call's arguments, the producer's row map
+    (
+        "oproj_residual",
+        "*xr = ld_act(xr) + y[v * B + b];",
+        "*xr = y[v * B + b];",
+        "o-proj residual",
+    ),
+    ("down_partial", "p.act + k * CI, I", "p.act + k * CI + 8, I", "matvec source off by 8"),
+    ("down_partial", "p.act + k * CI, I,", "p.act + k * CI, H,", "matvec row stride"),
+    ("down_partial", "y[v * B + b]", "y[v * B + b + 1]", "an output read shifted"),
+    ("load_down_partial", "(r0 + v) * I", "(r0 + v + 1) * I", "the producer's row map"),
+    ("load_down_partial", "row, r1 - r0,", "row, r1 - r0 - 1,", "the producer a row short"),
+    # coverage: the right values at the wrong place
+    ("down_residual", "r = r0 + i % n;", "r = r0 + i % n + 1;", "the residual one row off"),
+    ("attn_merge", "h = g * G + (i / D) % G", "h = (i / D) % G", "heads of the wrong group"),
+    ("attn_merge", "i < B * G * D;", "i < B * G * D - 1;", "an element never stored"),
 ]
 
 
@@ -109,8 +126,26 @@ def test_planted_bugs_fail_naming_the_function(
     results = judged(edit(tiny[0], fn, old, new), tiny)
     failed = [(ob, r) for ob, r in results if not r.proved]
     assert failed, bug
-    assert all(ob.name.startswith(f"(f) {fn}") for ob, _ in failed), [ob.name for ob, _ in failed]
+    kind = fn.removeprefix("load_")  # a producer's failure names its kind's function
+    assert all(ob.name.startswith(f"(f) {kind}") for ob, _ in failed), [ob.name for ob, _ in failed]
     assert any("kernel.cu line" in ob.subject for ob, _ in failed)
+
+
+@pytest.fixture(scope="module")
+def tiled() -> Case:
+    """EMBED in tiles of 64 columns: four tasks, so a body that ignores c0 is caught."""
+    spec = catalog.resolve("tiny-llama")
+    fg = layout(spec)
+    template = ShapeTemplate.parse("b2-s64")
+    sched = build_schedule(fg, template, Options(embed_cols=64))
+    return render_kernel(fg, sched), fg, Geometry.of(spec, template, sched.bound())
+
+
+def test_a_body_that_ignores_its_tile_fails_coverage(tiled: Case) -> None:
+    assert all(r.proved for _, r in judged(tiled[0], tiled))
+    text = edit(tiled[0], "embed", "c = c0 + 8 * (i % n8)", "c = 8 * (i % n8)")
+    failed = {ob.check for ob, r in judged(text, tiled) if not r.proved}
+    assert failed == {"embed: its stores lie in the region its task writes"}, failed
 
 
 def test_a_maximum_that_misses_a_partition_fails_float_safety(tiny: Case) -> None:
@@ -136,6 +171,18 @@ VARIANTS = {
         t, "attn_merge", "float mx =", "/* running max */ float mx = // then the sums\n"
     ),
     "unrolled by hand": _unrolled,
+    "matvec outputs renamed": lambda t, g: edit(t, "down_partial", r"\by\b", "part", regex=True),
+    "matvec epilogue reordered": lambda t, g: edit(
+        edit(
+            t,
+            "oproj_residual",
+            "const int v = i / B, b = i % B;",
+            "const int b = i % B, v = i / B;",
+        ),
+        "load_oproj_residual",
+        "return w.o_proj + static_cast<size_t>(r0 + v) * QD;",
+        "const int r = v + r0;\n    return w.o_proj + r * QD;",
+    ),
     "reordered declarations": lambda t, g: edit(
         edit(
             edit(t, "embed", "float f[8];", ""),

@@ -60,20 +60,21 @@ POINTS = 3
 # ---- term utilities --------------------------------------------------------------------------
 
 
-def _walk(t: Any) -> Iterator[Any]:
+def walk(t: Any) -> Iterator[Any]:
+    """Every sub-term of t (tuples and the atoms of its Affs), t first."""
     yield t
     if isinstance(t, tuple):
         for x in t:
-            yield from _walk(x)
+            yield from walk(x)
     elif isinstance(t, Aff):
         for a, _ in t.terms:
-            yield from _walk(a)
+            yield from walk(a)
 
 
 def free_vars(t: Any, ranges: Ranges) -> list[str]:
     out: set[str] = set()
     bound: set[str] = set()
-    for x in _walk(t):
+    for x in walk(t):
         if isinstance(x, tuple) and x and x[0] == "sum":
             bound.add(x[1])
         if isinstance(x, Aff):
@@ -84,10 +85,10 @@ def free_vars(t: Any, ranges: Ranges) -> list[str]:
 def _apps(t: Any, fn_free: bool) -> list[Term]:
     """UF applications in t ("f", ...); with fn_free, only those whose argument has none."""
     found = []
-    for x in _walk(t):
+    for x in walk(t):
         if not (isinstance(x, tuple) and x and x[0] == "f"):
             continue
-        if not fn_free or not any(isinstance(y, tuple) and y and y[0] == "f" for y in _walk(x[2])):
+        if not fn_free or not any(isinstance(y, tuple) and y and y[0] == "f" for y in walk(x[2])):
             found.append(x)
     return list(dict.fromkeys(found))
 
@@ -188,7 +189,7 @@ def pinned(
 def _declarations(terms: list[Any], ranges: Ranges, tables: dict[str, list[Fraction]]) -> str:
     arrays: dict[str, tuple[int, str]] = {}
     fns: set[str] = set()
-    for x in _walk(tuple(terms)):
+    for x in walk(tuple(terms)):
         if isinstance(x, tuple) and x and x[0] == "v" and x[1] not in tables:
             arrays[x[1]] = (len(x[2]), "Real")
         elif isinstance(x, tuple) and x and x[0] == "vi":
@@ -205,7 +206,7 @@ def _declarations(terms: list[Any], ranges: Ranges, tables: dict[str, list[Fract
     for fn in sorted(fns):
         lines.append(f"(declare-fun {fn} (Real) Real)")
     for name, values in sorted(tables.items()):
-        if not any(isinstance(x, tuple) and x[:2] == ("v", name) for x in _walk(tuple(terms))):
+        if not any(isinstance(x, tuple) and x[:2] == ("v", name) for x in walk(tuple(terms))):
             continue
         body = "0.0"
         for i in reversed(range(len(values))):
@@ -217,9 +218,9 @@ def _declarations(terms: list[Any], ranges: Ranges, tables: dict[str, list[Fract
 def _conditions(t: Any, ranges: Ranges) -> list[Term]:
     """The atomic index conditions of t's ites that read only free variables."""
     found = []
-    for x in _walk(t):
+    for x in walk(t):
         if isinstance(x, tuple) and x and x[0] == "ite":
-            for c in _walk(x[1]):
+            for c in walk(x[1]):
                 if not (isinstance(c, tuple) and c and c[0] in ("<", "<=", "=")):
                     continue
                 named = {a for a, _ in c[1].terms + c[2].terms if isinstance(a, str)}

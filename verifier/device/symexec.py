@@ -15,6 +15,9 @@ SMT query over that symbolic element, every batch row and position:
 * disjoint: two different iterations never store the same element, nor does one store an
   element another loads (so "every i in [0, N) stores its values" is the loop's effect, whatever
   the threads' interleaving), nor do two stores of one iteration overlap;
+* coverage (`verifier.device.coverage`): the stores lie in the region the model says the task
+  writes (`verifier.model.touches`), every iteration stores, and their count is the region's
+  volume: with disjointness, each element of the region is stored exactly once;
 * no trap: a `__trap()` is unreachable for valid inputs (every token in [0, V));
 * float safety (ATTN_MERGE): every exponent the kernel takes is <= 0 (a rescale never
   overflows). Over the reals the merge's value does not depend on the maximum it subtracts, so
@@ -22,9 +25,12 @@ SMT query over that symbolic element, every batch row and position:
 
 Terms are layer-free (arrays by role), so one proof covers every layer and the proof cache shares
 them. Anything the executor does not model fails as an obligation naming the device function and
-the kernel.cu line, never a skip. Loop kinds so far: DOWN_RESIDUAL, EMBED, ATTN_MERGE.
+the kernel.cu line, never a skip. Loop kinds so far: DOWN_RESIDUAL, EMBED, ATTN_MERGE; matvec
+kinds DOWN_PARTIAL and OPROJ_RESIDUAL, whose `matvec<K>` call is summarized (`verifier.device.
+matvec`: y[v][b] = sum_k xin[b][k] row(v)[k], the row map run from the kind's producer function,
+the epilogue executed on it; the epilogue's reads of y are proved inside the outputs computed).
 
-The matvec kinds, next: `matvec<K>` is summarized per output row v and batch row b, not per
+What the summary still trusts, the plan to prove it from the code: `matvec<K>` is summarized per output row v and batch row b, not per
 thread. The K loop of each chunk (`for (k0 ..)` of matvec_fma, each warp's lanes over 8-column
 groups, then group_sum's xor butterfly and the warps' parts in order) is a sum over index ranges:
 the lanes' partial sums are sums over disjoint column sets (lane l takes k = 8l + 256 m), the
@@ -46,12 +52,15 @@ from fractions import Fraction
 from typing import Any
 
 from compiler.ir.fused import FusedGraph, Instr, Kind
-from verifier.algebra import _walk, agree, differ, equal_obligations, pinned
+from verifier.algebra import agree, differ, equal_obligations, pinned, walk
+from verifier.device import matvec
 from verifier.device.binding import Binding
+from verifier.device.coverage import coverage
 from verifier.device.execute import Executor, Load, Store, Strided
+from verifier.device.facts import int_decls, int_ranges
 from verifier.device.kernel import Kernel
-from verifier.device.nodes import ParseError, Unit
-from verifier.device.values import FALSE, TRUE, Params, Real, Struct, Unsupported, rename
+from verifier.device.nodes import Function, ParseError, Unit
+from verifier.device.values import FALSE, TRUE, Params, Ptr, Real, Struct, Unsupported, rename
 from verifier.fused_terms import Fused, index_vars
 from verifier.graph_terms import unflatten
 from verifier.model import Geometry
@@ -64,8 +73,9 @@ LOOP_KINDS: dict[Kind, str] = {
     Kind.DOWN_RESIDUAL: "range",
     Kind.EMBED: "range",
     Kind.ATTN_MERGE: "index",
+    Kind.DOWN_PARTIAL: "range",  # matvec kinds: `verifier.device.matvec`
+    Kind.OPROJ_RESIDUAL: "range",
 }
-INT_ARRAYS = ("token",)  # integer inputs and their valid range [0, V)
 SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
 
 
@@ -87,15 +97,17 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
         if name is None:
             out.append(_finding("amk_megakernel", 0, f"the switch runs nothing for OP_{kind.name}"))
             continue
-        for shape, ranges, params in _tiles(how, [t for t in tasks if t["op"] == op]):
-            out += _task(k, fused, g, instr, name, shape, ranges, params)
+        for tile in _tiles(how, [t for t in tasks if t["op"] == op]):
+            out += _task(k, fused, g, instr, name, tile)
     return list({ob.key: ob for ob in out}.values())
 
 
-def _tiles(
-    how: str, tasks: list[dict[str, int]]
-) -> Iterable[tuple[str, dict[str, tuple[int, int]], dict[str, Aff]]]:
-    """(tile name, ranges of the param symbols, the Task fields a, b, c) per tile shape."""
+Tile = tuple[str, dict[str, tuple[int, int]], dict[str, Aff], list[dict[str, int]]]
+
+
+def _tiles(how: str, tasks: list[dict[str, int]]) -> Iterable[Tile]:
+    """(tile name, ranges of the param symbols, the Task fields a, b, c, the TASKS entries) per
+    tile shape."""
     groups: dict[int, list[dict[str, int]]] = {}
     for t in tasks:
         groups.setdefault(t["b"] - t["a"] if how == "range" else 0, []).append(t)
@@ -107,7 +119,7 @@ def _tiles(
             ranges["tb"] = (min(t["b"] for t in ts), max(t["b"] for t in ts) + 1)
         ranges["tc"] = (min(t["c"] for t in ts), max(t["c"] for t in ts) + 1)
         params["c"] = Aff.of("tc")
-        yield (f"width {width}" if how == "range" else "every tile"), ranges, params
+        yield (f"width {width}" if how == "range" else "every tile"), ranges, params, ts
 
 
 def _task(
@@ -116,35 +128,17 @@ def _task(
     g: Geometry,
     instr: Instr,
     name: str,
-    shape: str,
-    ranges: dict[str, tuple[int, int]],
-    params: dict[str, Aff],
+    tile: Tile,
 ) -> list[Obligation]:
+    shape, ranges, params, tasks = tile
     ranges = {**ranges, "pos": (0, g.S)}
     bind = Binding(k, fused, g, max(instr.layer, 0), ranges)
     ex = Executor(k, bind.pointer, bind.element, ranges)
     where = f"{name}, {shape}"
+    summaries = matvec.install(ex, lambda: _producer(k, bind, ranges, name, params), g.B)
     try:
         f = k.function(name, 6)
-        args: list[Any] = []
-        for p in f.params:
-            t = k.base_type(p.type.text)
-            if t == "Params":
-                args.append(Params())
-            elif t == "Task":
-                fields = tuple(
-                    (
-                        fld,
-                        params.get(fld, Aff.of("layer") if fld == "layer" else Aff.of(f"t_{fld}")),
-                    )
-                    for fld, _ in k.struct_fields("Task")
-                )
-                args.append(Struct("Task", fields))
-            elif t == "int":
-                args.append(Aff.of(p.name))
-            else:
-                args.append(Struct(t, ()))
-        ex.run(name, args)
+        ex.run(name, _args(k, f, params))
     except (Unsupported, ParseError) as e:
         return [_finding(where, getattr(e, "line", 0), str(e))]
     out: list[Obligation] = []
@@ -157,6 +151,11 @@ def _task(
             out += _rescales(s, where, ranges, g)
     for loop in ex.strided:
         out.append(_disjoint(loop, ex.stores, ex.loads, where, ranges, g))
+    symbols = {f: p.terms[0][0] for f, p in params.items() if p.terms and p.terms[0][1] == 1}
+    symbols = {f: x for f, x in symbols.items() if x == f"t{f}"}
+    out += coverage(ex.stores, ex.strided, instr, tasks, symbols, bind, g, where, ranges)
+    for m in summaries:
+        out += [_read_bounds(ld, m, where, ranges, g) for ld in ex.loads if ld.array == matvec.PART]
     for trap in ex.traps:
         if trap.guard != FALSE:
             out.append(_no_trap(trap.guard, trap.line, where, ranges, g))
@@ -166,6 +165,39 @@ def _task(
             _finding(where, line, "a store outside a strided loop (one thread's, or all's?)")
         )
     return out
+
+
+def _args(k: Kernel, f: Function, params: dict[str, Aff]) -> list[Any]:
+    """Symbolic arguments of a task body's or a producer's parameters."""
+    args: list[Any] = []
+    for p in f.params:
+        t = k.base_type(p.type.text)
+        if t == "Params":
+            args.append(Params())
+        elif t == "Task":
+            fields = tuple(
+                (fld, params.get(fld, Aff.of("layer") if fld == "layer" else Aff.of(f"t_{fld}")))
+                for fld, _ in k.struct_fields("Task")
+            )
+            args.append(Struct("Task", fields))
+        elif t == "int":
+            args.append(Aff.of(p.name))
+        elif t == "Smem":
+            args.append(Struct("Smem", (("f", Ptr(matvec.PART, "float", Aff(0), "float")),)))
+        else:
+            args.append(Struct(t, ()))
+    return args
+
+
+def _producer(
+    k: Kernel, bind: Binding, ranges: dict[str, tuple[int, int]], name: str, params: dict[str, Aff]
+) -> Executor:
+    """The kind's producer function load_<name>, run up to its load_matvec call."""
+    ex = Executor(k, bind.pointer, bind.element, ranges)
+    matvec.capture(ex)
+    f = k.function(f"load_{name}", 4)
+    ex.run(f.name, _args(k, f, params))
+    return ex
 
 
 def _value(
@@ -195,7 +227,7 @@ def _value(
     spec = Fused(instr, g, r, tables, _inv_freq(fused)).output(buffer, idx)
     assert isinstance(s.value, Real)
     check = f"{s.function} computes {instr.kind.name} {buffer}"
-    extra = _int_ranges((spec, s.value.term, s.guard), g)
+    extra = int_ranges((spec, s.value.term, s.guard), g)
     if s.guard != TRUE:
         extra += f"(assert {smt_cond(s.guard, {})})\n"
     if agree(spec, s.value.term, r, tables):
@@ -238,7 +270,7 @@ def _disjoint(
     r = {**ranges, j: ranges[i]}
     things = [(s.offset, s.guard, rename((s.offset, s.guard), other)) for s in mine]
     things += [rename((ld.offset, ld.guard), other) for ld in reads]
-    facts = _int_decls(things, r) + _int_ranges(things, g)
+    facts = int_decls(things, r) + int_ranges(things, g)
     return Obligation(
         "f",
         f"{loop.function}: the iterations of its strided loop store disjoint elements",
@@ -250,16 +282,32 @@ def _disjoint(
     )
 
 
+def _read_bounds(
+    ld: Load, m: matvec.Matvec, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
+) -> Obligation:
+    off = ld.offset - m.xs
+    inside = (
+        f"(and (<= 0 {smt_aff(off, {})}) (< {smt_aff(off, {})} {smt_aff(m.nrows.scale(g.B), {})}))"
+    )
+    return Obligation(
+        "f",
+        f"{m.function}: the epilogue reads only the outputs matvec computed",
+        -1,
+        f"{where}, the read at kernel.cu line {ld.line}",
+        int_decls((off, ld.guard, m.nrows), ranges) + f"(assert {smt_cond(ld.guard, {})})\n",
+        f"(assert (not {inside}))\n",
+        data={"mode": "device", "why": f"the read at line {ld.line} misses the outputs"},
+    )
+
+
 def _rescales(
     s: Store, where: str, ranges: dict[str, tuple[int, int]], g: Geometry
 ) -> list[Obligation]:
-    args = [x[2] for x in _walk(s.value.term) if isinstance(x, tuple) and x[:2] == ("f", "exp")]
+    args = [x[2] for x in walk(s.value.term) if isinstance(x, tuple) and x[:2] == ("f", "exp")]
     if not args:
         return []
-    reals = {
-        x[1]: len(x[2]) for x in _walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)
-    }
-    facts = _int_decls((s.offset, s.guard, *args), ranges) + _int_ranges(tuple(args), g)
+    reals = {x[1]: len(x[2]) for x in walk(tuple(args)) if isinstance(x, tuple) and x[:1] == ("v",)}
+    facts = int_decls((s.offset, s.guard, *args), ranges) + int_ranges(tuple(args), g)
     facts += "".join(
         f"(declare-fun {a} ({' '.join(['Int'] * k)}) Real)\n" for a, k in sorted(reals.items())
     )
@@ -287,7 +335,7 @@ def _no_trap(
         f"{where.split(',')[0]}: __trap() is unreachable for valid inputs",
         -1,
         f"{where}, the trap at kernel.cu line {line}",
-        _int_decls([guard], ranges) + _int_ranges([guard], g),
+        int_decls([guard], ranges) + int_ranges([guard], g),
         f"(assert {smt_cond(guard, {})})\n",
         data={"mode": "device", "why": f"the trap at line {line} is reachable"},
     )
@@ -305,35 +353,6 @@ def _finding(where: str, line: int, why: str) -> Obligation:
         "(assert true)\n",
         data={"mode": "device", "why": why},
     )
-
-
-def _int_decls(things: Any, ranges: dict[str, tuple[int, int]]) -> str:
-    names: set[str] = set()
-    arrays: dict[str, int] = {}
-    for x in _walk(tuple(things)):
-        if isinstance(x, Aff):
-            names |= {a for a, _ in x.terms if isinstance(a, str)}
-        if isinstance(x, tuple) and x and x[0] == "vi":
-            arrays[x[1]] = len(x[2])
-    lines = []
-    for v in sorted(names):
-        lines.append(f"(declare-const {v} Int)")
-        if v in ranges:
-            lo, hi = ranges[v]
-            lines.append(f"(assert (and (<= {lo} {v}) (< {v} {hi})))")
-    for a, arity in sorted(arrays.items()):
-        lines.append(f"(declare-fun {a} ({' '.join(['Int'] * arity)}) Int)")
-    return "\n".join(lines) + "\n"
-
-
-def _int_ranges(things: Any, g: Geometry) -> str:
-    """Every integer input element read lies in its valid range (a token is in [0, V))."""
-    out = []
-    for x in _walk(tuple(things)):
-        if isinstance(x, tuple) and x and x[0] == "vi" and x[1] in INT_ARRAYS:
-            e = f"({x[1]} {' '.join(smt_aff(i, {}) for i in x[2])})"
-            out.append(f"(assert (and (<= 0 {e}) (< {e} {g.V})))")
-    return "".join(f"{x}\n" for x in dict.fromkeys(out))
 
 
 def _inv_freq(fused: FusedGraph) -> tuple[float, ...]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from verifier.terms import Aff, Term
+from verifier.terms import Aff, Term, const, ite
 
 
 class Unsupported(ValueError):
@@ -107,6 +107,22 @@ class Undef:
     name: str
 
 
+@dataclass(frozen=True)
+class NullPtr:
+    """`nullptr`: may only be compared with a pointer."""
+
+
+NULL = NullPtr()
+
+
+@dataclass(frozen=True)
+class Closure:
+    """A lambda: its node (`nodes.Lambda`) and the scopes it captures by reference."""
+
+    node: Any
+    scopes: tuple[Any, ...]
+
+
 @dataclass
 class Cell:
     value: Any
@@ -163,3 +179,57 @@ def rename(x: Any, names: dict[str, str]) -> Any:
     if isinstance(x, tuple):
         return tuple(rename(y, names) for y in x)
     return x
+
+
+# ---- operations on values ---------------------------------------------------------------------------------
+
+
+def real(v: Any) -> Term:
+    if isinstance(v, Real):
+        return v.term
+    if isinstance(v, Aff):
+        return const(v.const) if v.is_const() else ("r", v)
+    if isinstance(v, NegInf):
+        raise Unsupported("-INFINITY in arithmetic")
+    raise Unsupported(f"a {type(v).__name__} used as a float")
+
+
+def merge(c: Term, a: Any, b: Any, line: int) -> Any:
+    """The value that is a where c holds, else b."""
+    if a == b:
+        return a
+    if (
+        isinstance(a, (Real, Aff))
+        and isinstance(b, (Real, Aff))
+        and not (isinstance(a, Aff) and isinstance(b, Aff))
+    ):
+        return Real(ite(c, real(a), real(b)))
+    if isinstance(a, Real) and isinstance(b, Real):
+        return Real(ite(c, a.term, b.term))
+    if isinstance(a, Struct) and isinstance(b, Struct) and a.type == b.type:
+        return Struct(
+            a.type,
+            tuple(
+                (k, merge(c, x, y, line)) for (k, x), (_, y) in zip(a.fields, b.fields, strict=True)
+            ),
+        )
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return tuple(merge(c, x, y, line) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Undef) or isinstance(b, Undef):
+        return a if isinstance(a, Undef) else b
+    raise Unsupported(
+        f"a {type(a).__name__} that differs between the branches of a condition", line
+    )
+
+
+def word_op(op: str, w: Word, k: int, line: int) -> Word:
+    """The bit operations of bf16_lo / bf16_hi on a word of two bf16 halves."""
+    if op == "<<" and k == 16:
+        return Word(None, w.lo)
+    if op == ">>" and k == 16:
+        return Word(w.hi, None)
+    if op == "&" and k == 0xFFFF0000:
+        return Word(None, w.hi)
+    if op == "&" and k == 0x0000FFFF:
+        return Word(w.lo, None)
+    raise Unsupported(f"word {op} {k:#x}", line)

@@ -1,0 +1,131 @@
+"""The call `matvec<K>(nrows, src, ld, norm_w, sm, ring)` of a Matvec kind's task body, summarized
+for the symbolic executor (`verifier.device.execute`): its outputs part[v][b] (the work area
+`sm.f + XS_FLOATS`, read by the kind's epilogue as y[v * B + b]) are
+
+    y[v][b] = sum_{k < K} xin[b][k] * row(v)[k],   xin[b][k] = src[b * ld + k]
+
+over the reals, for every v < nrows and batch row b. What is taken from the code: K, nrows, src
+and ld from the consumer's call; the weight row map `row(v)` from the kind's producer function
+`load_<name>`, executed symbolically up to its call `load_matvec<K>(row, nrows, sm, ring)` (whose
+K and nrows must be the consumer's), the lambda then run for the epilogue's own v. What is not
+(yet) proved from the code, and trusted: that the fma consumer `matvec_fma` computes this sum (the
+staged layout of `stage`, the ring's slot order shared by `produce` and `consume`, the lanes'
+column sets, group_sum's butterfly and the chunks' accumulation into part): see symexec's plan.
+Refused (an `Unsupported` naming the line): an RMS-normed input (rms_rstd is not summarized
+yet), the tensor-core consumer (MMA: its bf16 split is not exact over the reals), a row map
+that branches on v.
+
+`reads` collects the epilogue's reads of the outputs: `symexec` proves each lies in
+[0, nrows) x [0, B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from verifier.device import nodes as n
+from verifier.device.values import FALSE, NULL, Bool, Closure, Ptr, Real, Unsupported
+from verifier.terms import Aff, Term, mul, summed
+
+PART = "smem_part"  # the summarized outputs, as the executor's shared array
+
+
+@dataclass
+class Matvec:
+    """One summarized call: what the consumer passed and the producer's row map."""
+
+    K: int = 0
+    nrows: Aff = field(default_factory=lambda: Aff(0))
+    src: Ptr | None = None
+    ld: int = 0
+    row: Callable[[Aff], Ptr] | None = None
+    line: int = 0
+    function: str = ""
+    fresh: int = 0
+    xs: int = 0  # XS_FLOATS: where part begins in the work area
+
+
+def install(ex: Any, producer: Callable[[], Any], B: int) -> list[Matvec]:
+    """Summarize `matvec` calls in executor ex; `producer()` returns an executor that has run
+    the kind's producer function up to its `load_matvec` call (see `capture`). Returns the
+    list the summaries of this run go to."""
+    done: list[Matvec] = []
+
+    def summary(ex: Any, e: n.Call) -> None:
+        mma = ex.k.constant("MMA")
+        if not (mma is None or mma == Aff(0) or (isinstance(mma, Bool) and mma.cond == FALSE)):
+            raise Unsupported("matvec_mma (MMA) is not summarized: fma only", e.line)
+        targs = [ex.expr(x) for x in e.template_args if not isinstance(x, n.Type)]
+        if len(targs) != 1 or len(e.args) != 6:
+            raise Unsupported("matvec<K>(nrows, src, ld, norm_w, sm, ring) expected", e.line)
+        K = ex.int_value(targs[0], e.line)
+        nrows, src, ld, norm = (ex.expr(a) for a in e.args[:4])
+        if norm is not NULL:
+            raise Unsupported("matvec of an RMS-normed input: rms_rstd is not summarized", e.line)
+        if not isinstance(src, Ptr) or src.elem != "float" or not isinstance(nrows, Aff):
+            raise Unsupported("matvec of a source that is not a float array", e.line)
+        m = Matvec(K, nrows, src, ex.int_value(ld, e.line), None, e.line, ex.function)
+        m.xs = ex.int_value(ex.k.constant("XS_FLOATS"), e.line)
+        prod = producer()
+        got = prod.captured
+        if len(got) != 1:
+            raise Unsupported(f"the producer calls load_matvec {len(got)} times, not once", e.line)
+        pk, prows, row = got[0]
+        if pk != K or prows != nrows:
+            raise Unsupported(
+                f"the producer streams load_matvec<{pk}> of {_text(prows)} rows, "
+                f"the consumer reads matvec<{K}> of {_text(nrows)}",
+                e.line,
+            )
+        m.row = lambda v: _row(prod, row, v, e.line)
+        done.append(m)
+        ex.shared[PART] = lambda off, line: Real(_output(ex, m, off, B, line))
+
+    def unset(off: Aff, line: int) -> Any:
+        raise Unsupported("a read of the matvec outputs before matvec", line)
+
+    ex.summaries["matvec"] = summary
+    ex.shared[PART] = unset
+    return done
+
+
+def capture(ex: Any) -> None:
+    """Make executor ex record `load_matvec<K>(row, nrows, sm, ring)` as (K, nrows, row)."""
+    ex.captured = []
+
+    def load(ex: Any, e: n.Call) -> None:
+        targs = [ex.expr(x) for x in e.template_args if not isinstance(x, n.Type)]
+        if len(targs) < 1 or len(e.args) != 4:
+            raise Unsupported("load_matvec<K>(row, nrows, sm, ring) expected", e.line)
+        row, nrows = ex.expr(e.args[0]), ex.expr(e.args[1])
+        if not isinstance(row, Closure):
+            raise Unsupported("load_matvec of a row map that is not a lambda", e.line)
+        ex.captured.append((ex.int_value(targs[0], e.line), nrows, row))
+
+    ex.summaries["load_matvec"] = load
+
+
+def _row(prod: Any, row: Closure, v: Aff, line: int) -> Ptr:
+    p = prod.call_closure(row, [v], line)
+    if not isinstance(p, Ptr) or p.elem != "bf16":
+        raise Unsupported("a row map that returns no bf16 weight row", line)
+    return p
+
+
+def _output(ex: Any, m: Matvec, off: Aff, B: int, line: int) -> Term:
+    """y[v][b] at work-area offset `off` of part (v * B + b)."""
+    assert m.src is not None and m.row is not None
+    v, b = (off - m.xs).divmod(B, ex.ranges)
+    m.fresh += 1
+    k = f"mk{m.fresh}"
+    ex.ranges[k] = (0, m.K)
+    w = m.row(v)
+    x = ("v", m.src.array, ex.element(m.src.array, m.src.offset + b.scale(m.ld) + Aff.of(k)))
+    wt = ("v", w.array, ex.element(w.array, w.offset + Aff.of(k)))
+    return summed(k, m.K, mul(x, wt))
+
+
+def _text(a: Any) -> str:
+    return str(a.const) if isinstance(a, Aff) and a.is_const() else repr(a)
