@@ -76,7 +76,8 @@ def test_expression_reader_follows_cpp_integer_semantics():
 
 def test_key_range_is_read_from_attn_partial(fresh):
     """attn_partial's j0, j1 and the locals they use, as written, pos and part left free; so
-    evaluated they cut the keys 0..pos into the P runs, in order; without j1 nothing is read."""
+    evaluated they cut the keys 0..pos into the P runs, in order; without j1, or with part not
+    the task's parameter, nothing is read."""
     text = (fresh / "kernel.cu").read_text()
     keys = batch_invariance.key_range(text)
     assert set(keys) == {"lo", "n", "c", "j0", "j1"} and keys["c"] == "(n + P - 1) / P"
@@ -87,6 +88,8 @@ def test_key_range_is_read_from_attn_partial(fresh):
         assert [j for a, b in runs for j in range(a, b)] == list(range(pos + 1))
     with pytest.raises(batch_invariance.ExprError, match="no const int j1"):
         batch_invariance.key_range(text.replace("j1 = min(", "j2 = min("))
+    with pytest.raises(batch_invariance.ExprError, match=r"part not t\.b"):
+        batch_invariance.key_range(text.replace("part = t.b;", "part = t.a;"))
 
 
 def test_batch_dependent_split_is_refuted_with_a_replayed_counterexample(fresh):

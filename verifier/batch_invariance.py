@@ -195,9 +195,9 @@ def locals_of(kernel: str, function: str) -> dict[str, str]:
     body = re.search(rf"void {function}\(.*?\n\}}\n", kernel, re.S)
     if body is None:
         raise ExprError(f"kernel.cu: no device function {function}")
-    text = re.sub(r"//[^\n]*", "", body.group(0))
+    text = re.sub(r"//[^\n]*", "", body.group(0).partition("{")[2])
     out: dict[str, str] = {}
-    for decl in re.findall(r"\bconst int\s+([^;]*);", text):
+    for decl in re.findall(r"^\s*const int\s+([^;]*);", text, re.M):
         depth, start = 0, 0
         for i, ch in enumerate(decl + ","):
             depth += {"(": 1, ")": -1}.get(ch, 0)
@@ -275,8 +275,11 @@ def literal(v: int) -> str:
 
 def key_range(kernel: str) -> dict[str, str]:
     """attn_partial's j0 and j1 (partition part's keys [j0, j1) at pos) and the locals they are
-    computed from, transitively, as kernel.cu writes them; pos and part are left free."""
+    computed from, transitively, as kernel.cu writes them; pos (the function's parameter) and
+    part (the task's second parameter, t.b) are left free."""
     found = locals_of(kernel, "attn_partial")
+    if "pos" in found or found.get("part") != "t.b":
+        raise ExprError("kernel.cu: attn_partial's pos is not its parameter, or part not t.b")
     out: dict[str, str] = {}
     todo = list(KEY_RANGE)
     while todo:
