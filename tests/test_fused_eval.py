@@ -56,8 +56,9 @@ def attention_by_formula(q, k, v, pos, window):
 
 
 @pytest.mark.parametrize(("parts", "pos", "window"), [
-    (1, 6, None), (3, 6, None), (4, 6, None), (10, 6, None), (13, 6, None),  # P > S: empty tail
-    (5, 8, 3),  # sliding window: partitions 0-2 hold no visible key
+    (1, 6, None), (3, 6, None), (4, 6, None), (10, 6, None), (13, 6, None),  # P > n: empty tail
+    (5, 8, 3),  # sliding window: keys 6..8 in partitions 0-2, partitions 3-4 empty
+    (2, 9, 4),  # sliding window: keys 6..9, two keys each
     (4, 0, None),  # only key 0
 ])  # fmt: skip
 def test_split_kv_attention_on_arange_caches(parts, pos, window):
@@ -71,9 +72,14 @@ def test_split_kv_attention_on_arange_caches(parts, pos, window):
     out = run_fused(fg, inputs, {}, dict(P=parts, KS=1, NT=1))
     want = attention_by_formula(q.reshape(1, 2, d), k, v, pos, window)
     np.testing.assert_allclose(out["attn"].reshape(1, 2, d), want, rtol=1e-13)
-    c = -(-s // parts)
-    lo = 0 if window is None else pos - window + 1
-    empty = [p for p in range(parts) if min((p + 1) * c, s, pos + 1) <= max(p * c, lo)]
+    lo = 0 if window is None else max(0, pos - window + 1)
+    c = -(-(pos + 1 - lo) // parts)  # the visible keys lo..pos in runs of c
+    empty = [p for p in range(parts) if lo + p * c > pos]
+    assert len(empty) == parts - -(-(pos + 1 - lo) // c)
+    scores = np.einsum("hd,jd->hj", q.reshape(2, d), k[0, 0]) / math.sqrt(d)  # [Hq, S]
+    for p in set(range(parts)) - set(empty):
+        keys = scores[:, lo + p * c : min(lo + (p + 1) * c, pos + 1)]
+        np.testing.assert_allclose(out["attn_m"][0, :, p], keys.max(axis=1), rtol=1e-14)
     assert np.isneginf(out["attn_m"][..., empty]).all()
     assert (out["attn_l"][..., empty] == 0).all() and (out["attn_o"][:, :, empty] == 0).all()
     full = [p for p in range(parts) if p not in empty]

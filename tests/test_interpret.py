@@ -225,6 +225,39 @@ def test_tiles_on_structured_input() -> None:
     assert "logits" not in dict(task_access(lm, (3,), small).writes)
 
 
+@pytest.mark.parametrize("parts", [1, 4, 7])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_attention_tiles_are_the_instruction(name: str, parts: int) -> None:
+    """Each ATTN_PARTIAL task at the runtime pos, given only its read regions (all else NaN),
+    writes its partition of the whole instruction (fused_eval), at pos 0, 1, P-1, P, 100 and
+    S-1; its partition is its share of the visible keys lo..pos (tiny-mistral: a window of 16),
+    the shares of one KV head cover them once each, in order, the same for every batch row."""
+    fg = layout(catalog.resolve(name))
+    instr = next(i for i in fg.instrs if i.kind is Kind.ATTN_PARTIAL and i.layer == 0)
+    binding = {"B": 2, "S": 128, "P": parts, "KS": 1, "NT": 1}
+    g = Geometry.of(fg, binding)
+    rng = np.random.default_rng(parts)
+    cache = (g.B, g.KV, g.S, g.D)
+    full = {"q": rng.standard_normal((g.B, g.Hq * g.D)), instr.inputs[1]: rng.standard_normal(cache),
+            instr.inputs[2]: rng.standard_normal(cache)}  # fmt: skip
+    for pos in sorted({0, 1, parts - 1, parts, 100, g.S - 1}):
+        want = run_fused(dataclasses.replace(fg, instrs=(instr,)), full | {"pos": pos}, {}, binding)
+        runs = [g.keys(p, pos) for p in range(parts)]
+        assert [j for a, b in runs for j in range(a, b)] == list(range(g.lo(pos), pos + 1))
+        for kv in range(g.KV):
+            for p in range(parts):
+                acc = task_access(instr, (kv, p), g, pos)
+                buf = {n: np.full(want[n].shape, np.nan) for n in (*full, *instr.outputs)}
+                for n, box in acc.reads:
+                    buf[n][index(box)] = full[n][index(box)]
+                run_task(instr, (kv, p), g, buf, {}, pos)
+                for n, box in acc.writes:
+                    got, ref = buf[n][index(box)], want[n][index(box)]
+                    np.testing.assert_allclose(
+                        got, ref, rtol=1e-12, atol=1e-12, err_msg=f"{n} {p=}"
+                    )
+
+
 # -- decode against the reference -----------------------------------------------------------
 
 

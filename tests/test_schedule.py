@@ -137,24 +137,28 @@ def test_cache_regions_static_and_exact(fg: FusedGraph) -> None:
     exact = task_access(qkv, k_head_1, g, pos=9)
     assert exact.writes == (("k_cache.0", ((0, 4), (1, 2), (9, 10), (0, 64))),)
     assert ("model.layers.0.self_attn.k_proj.weight", ((64, 128), (0, 256))) in exact.reads
-    attn = fg.instrs[2]  # P = 4 partitions of C = 16 positions
+    attn = fg.instrs[2]  # P = 4 partitions of the visible keys: any key of S = 64 statically
     assert dict(task_access(attn, (1, 1), g).reads)["k_cache.0"] == (
         (0, 4),
         (1, 2),
-        (16, 32),
+        (0, 64),
         (0, 64),
     )
-    assert dict(task_access(attn, (1, 1), g, pos=20).reads)["k_cache.0"][2] == (16, 21)
-    assert "k_cache.0" not in dict(task_access(attn, (1, 2), g, pos=20).reads)  # nothing visible
+    at20 = [dict(task_access(attn, (1, p), g, pos=20).reads)["k_cache.0"][2] for p in range(4)]
+    assert at20 == [(0, 6), (6, 12), (12, 18), (18, 21)]  # 21 keys in runs of 6
+    assert "k_cache.0" not in dict(task_access(attn, (1, 3), g, pos=2).reads)  # 3 keys: 1 each
+    assert dict(task_access(attn, (1, 2), g, pos=2).reads)["k_cache.0"][2] == (2, 3)
 
 
 def test_sliding_window_regions() -> None:
     fg = layout(MISTRAL)  # window 16
     g = Geometry.of(fg, bind(fg, B4, Options()))
-    assert g.keys(0, pos=20) == (5, 16) and g.keys(1, pos=20) == (16, 21)
-    lo, hi = g.keys(0, pos=40)  # empty: the window starts at 25
-    assert lo == hi
-    assert g.keys(2, pos=40) == (32, 41) and g.keys(1, pos=40) == (25, 32)
+    assert [g.keys(p, pos=20) for p in range(4)] == [(5, 9), (9, 13), (13, 17), (17, 21)]
+    assert [g.keys(p, pos=40) for p in range(4)] == [(25, 29), (29, 33), (33, 37), (37, 41)]
+    assert [g.keys(p, pos=9) for p in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    lo, hi = g.keys(2, pos=1)  # empty: two keys, one in each of partitions 0 and 1
+    assert lo == hi and g.keys(1, pos=1) == (1, 2)
+    assert g.keys(3) == (0, 64)  # statically: every key of the cache
 
 
 def test_instruction_writes_are_exactly_the_tiles(fg: FusedGraph) -> None:

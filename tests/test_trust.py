@@ -49,7 +49,7 @@ from verifier.cache import ProofCache
 from verifier.verify import Report, obligations_of, verify
 
 SHORT_PARTITIONS = next(
-    m for m in mutate.CATALOG if m.name == "kernel.cu: KV partitions one key short"
+    m for m in mutate.CATALOG if m.name == "kernel.cu: KV partitions of floor(n / P) keys"
 )
 
 
@@ -68,8 +68,8 @@ def reg(
 
 
 def edited_kernel(artifact: Path, out: Path) -> Path:
-    """The artifact with a planted bug in kernel.cu (the last keys of each KV partition read by
-    none), its sha256 updated in the manifest, proof/ kept as it was: a careless or hostile
+    """The artifact with a planted bug in kernel.cu (the last visible keys read by no KV
+    partition), its sha256 updated in the manifest, proof/ kept as it was: a careless or hostile
     hand's edit after `verify`."""
     mutate.apply(artifact, out, SHORT_PARTITIONS.edit, SHORT_PARTITIONS.file)
     shutil.copytree(artifact / "proof", out / "proof")

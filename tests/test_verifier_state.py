@@ -64,10 +64,32 @@ def test_expression_reader_follows_cpp_integer_semantics():
     e = batch_invariance.parse("(S + P - 1) / P - -7 % 3 * 2")
     env = {"S": 10, "P": 4}.__getitem__
     assert batch_invariance.evaluate(e, env) == 3 - (-1 * 2)  # C++: -7 % 3 == -1
-    with pytest.raises(batch_invariance.ExprError):
-        batch_invariance.parse("S ? P : 1")
+    e = batch_invariance.parse("W > 0 ? max(0, x - W + 1) : min(x, -2) == -2")
+    assert [batch_invariance.evaluate(e, {"W": w, "x": x}.__getitem__)
+            for w, x in ((4, 9), (4, 1), (0, 5), (0, -3))] == [6, 0, 1, 0]  # fmt: skip
+    for bad in ("S << 1", "f(P)", "max(P)", "(S + 1"):
+        with pytest.raises(batch_invariance.ExprError):
+            batch_invariance.parse(bad)
     with pytest.raises(batch_invariance.ExprError):
         batch_invariance.Constants("constexpr int P = Q;\n").value("P", {})
+
+
+def test_key_range_is_read_from_attn_partial(fresh):
+    """attn_partial's j0, j1 and the locals they use, as written, pos and part left free; so
+    evaluated they cut the keys 0..pos into the P runs, in order; without j1, or with part not
+    the task's parameter, nothing is read."""
+    text = (fresh / "kernel.cu").read_text()
+    keys = batch_invariance.key_range(text)
+    assert set(keys) == {"lo", "n", "c", "j0", "j1"} and keys["c"] == "(n + P - 1) / P"
+    c = batch_invariance.Constants(text, batch_invariance.KEY_VARS)
+    c.text |= keys
+    for pos in (0, 3, 4, 63):
+        runs = [tuple(c.value(r, {"pos": pos, "part": p}) for r in ("j0", "j1")) for p in range(4)]
+        assert [j for a, b in runs for j in range(a, b)] == list(range(pos + 1))
+    with pytest.raises(batch_invariance.ExprError, match="no const int j1"):
+        batch_invariance.key_range(text.replace("j1 = min(", "j2 = min("))
+    with pytest.raises(batch_invariance.ExprError, match=r"part not t\.b"):
+        batch_invariance.key_range(text.replace("part = t.b;", "part = t.a;"))
 
 
 def test_batch_dependent_split_is_refuted_with_a_replayed_counterexample(fresh):

@@ -14,8 +14,9 @@ Nothing here reads `fused.json`; a schedule is judged by what its tasks make the
 
 A region is a `Region(buffer, spans)`, one half-open span per dimension. A span bound is affine
 in the decode position: `Bound(at_pos, const)` is `at_pos * pos + const`, so the KV-cache write
-`[pos, pos + 1)` is exact, while the attention reads use the whole partition (a superset of the
-keys at any `pos`; dependencies derived from supersets are stronger, never weaker).
+`[pos, pos + 1)` is exact, while the attention reads use every key up to pos (a superset of a
+partition's keys, which are cut from the visible ones at run time; dependencies derived from
+supersets are stronger, never weaker).
 """
 
 from __future__ import annotations
@@ -106,11 +107,6 @@ class Geometry:
     @property
     def layers(self) -> int:
         return self.spec.num_layers
-
-    @property
-    def C(self) -> int:
-        """Key positions per attention partition: ceil(S / P)."""
-        return -(-self.S // self.P)
 
     @property
     def CV(self) -> int:
@@ -295,10 +291,14 @@ def touches(kind: Kind, layer: int, params: tuple[int, ...], g: Geometry) -> Tou
     if kind is Kind.ATTN_PARTIAL:
         kvh, p = params
         h0, h1 = kvh * G, (kvh + 1) * G
-        keys = (min(p * g.C, g.S), min((p + 1) * g.C, g.S))
+        # keys [lo + p*c, min(lo + (p+1)*c, pos + 1)), c = ceil((pos + 1 - lo) / P) <= ceil(S / P):
+        # within [0, pos + 1) for p >= 0 (empty for p >= P), from p*ceil(S/P) for p < 0
+        keys = (Bound.of(min(0, p * -(-g.S // g.P))), Bound(1, 1))
         reads = [region("q", B, (h0 * D, h1 * D))]
-        if keys[0] < keys[1]:
-            reads += [region(f"{c}_cache.{n}", B, (kvh, kvh + 1), keys, (0, D)) for c in "kv"]
+        reads += [
+            Region(f"{c}_cache.{n}", (*_spans(B, (kvh, kvh + 1)), keys, *_spans((0, D))))
+            for c in "kv"
+        ]
         parts = (B, (h0, h1), (p, p + 1))
         outs = (
             region("attn_o", *parts, (0, D)),

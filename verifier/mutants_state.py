@@ -44,6 +44,16 @@ def _inverse(name: str, by: str) -> Callable[[Sched], str | None]:
     return edit
 
 
+def _keys_by_batch(s: Sched) -> str | None:
+    """attn_partial's keys per partition scaled by B / (the artifact's B): the same keys at
+    this batch, other keys at another."""
+    at = re.search(r"^constexpr int B = (\d+);", s["text"], re.M)
+    if at is None:
+        return None
+    rhs = lambda m: f"c = (n + P - 1) / P * B / {at.group(1)};"  # noqa: E731
+    return _kernel(r"c = \(n \+ P - 1\) / P;", rhs, "keys per partition scale with B")(s)
+
+
 def _last_qkv_elsewhere(s: Sched) -> str | None:
     """The last QKV task of layer 1 (it appends the v cache) runs with layer 0's caches."""
     found = [t for t in s["tasks"] if t[2] == "qkv_rope_append" and t[3] == 1]
@@ -85,6 +95,7 @@ def _head_dim(text: str) -> int:
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("kernel.cu: KV partitions scale with the batch", "g", _scaled("P", "B"), "kernel.cu"),
+    Mutant("kernel.cu: KV partitions cut by the batch", "g", _keys_by_batch, "kernel.cu"),
     Mutant(
         "kernel.cu: fewer split-K chunks at larger batch", "g", _inverse("KS", "B"), "kernel.cu"
     ),

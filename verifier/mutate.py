@@ -245,12 +245,22 @@ CATALOG: tuple[Mutant, ...] = (
         "kernel.cu",
     ),
     Mutant(
-        "kernel.cu: KV partitions one key short",
+        "kernel.cu: KV partitions end a key late",
         "d",
         _kernel(
-            r"^constexpr int C = \(S \+ P - 1\) / P;",
-            lambda m: "constexpr int C = (S + P - 1) / P - 1;",
-            "C = ceil(S / P) - 1: the last keys of each partition are read by none",
+            r"j1 = min\(j0 \+ c, pos \+ 1\);",
+            lambda m: "j1 = min(j0 + c + 1, pos + 1);",
+            "j1 = min(j0 + c + 1, pos + 1): each partition's last key is the next one's first",
+        ),
+        "kernel.cu",
+    ),
+    Mutant(
+        "kernel.cu: KV partitions of floor(n / P) keys",
+        "d",
+        _kernel(
+            r"c = \(n \+ P - 1\) / P;",
+            lambda m: "c = n / P;",
+            "c = n / P: the visible keys past P * floor(n / P) are read by none",
         ),
         "kernel.cu",
     ),

@@ -8,7 +8,7 @@ Plain checks, not solver queries (what they compare are concrete values and byte
   and SM_SCALE as float32, WINDOW), the template (B, S), the split symbols (P, KS, NT, as the
   scheduler binds them from the options), the launch shape (SM_COUNT, THREADS, STAGES,
   SLOT_BYTES, MMA, MMA_ROWS, WEIGHT_EVICT_FIRST, THREAD_COPIES), the widest tiles (QKV_TILE,
-  ROW_TILE, EMBED_COLS, MAX_VROWS), and the derived G, QD, KVD, C, CI, CV, NWARPS evaluated
+  ROW_TILE, EMBED_COLS, MAX_VROWS), and the derived G, QD, KVD, CI, CV, NWARPS evaluated
   from kernel.cu's own expressions. (KC, SMEM_FLOATS and INV_FREQ are not compared.)
 * `cubin`: the artifact's cubin is the compilation of its kernel.cu: kernel.cu is recompiled
   with this machine's nvcc, with the flags and the staging of `compiler.codegen.nvcc` (cubins
@@ -74,7 +74,6 @@ def expected(
         "P": P,
         "KS": KS,
         "NT": NT,
-        "C": -(-S // P),
         "CI": I // KS,
         "CV": -(-V // NT),
         "SM_COUNT": o["sm_count"],

@@ -98,13 +98,22 @@ def _split_k(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
 
 def _split_kv(data: dict[str, Any], values: dict[str, Any]) -> tuple[bool, str]:
     pos, j = int(values.get("pos", 0)), int(values.get("j", 0))
-    P, S, w = data["P"], data["S"], data["window"]
-    c, lo = data.get("C", -(-S // P)), max(0, pos - w + 1) if w else 0
-    n = sum(max(p * c, lo) <= j < min((p + 1) * c, S, pos + 1) for p in range(P))
+    w = data["window"]
+    keys = batch_invariance.Constants("", batch_invariance.KEY_VARS)
+    keys.text = dict(data["defs"])
+    lo, ranges = max(0, pos - w + 1) if w else 0, []
+    try:
+        for p in range(data["P"]):
+            at = {"pos": pos, "part": p}
+            ranges.append(tuple(keys.value(r, at) for r in batch_invariance.KEY_RANGE))
+    except ZeroDivisionError:
+        return True, f"at pos {pos}, partition {len(ranges)}'s key range divides by 0"
+    n = sum(j0 <= j < j1 for j0, j1 in ranges)
     want = 1 if lo <= j <= pos else 0
     return (
         n != want,
-        f"at pos {pos}, key {j} is read by {n} partitions; the mask lets it through {want} time(s)",
+        f"at pos {pos}, key {j} is read by {n} partitions; the mask lets it through {want} "
+        f"time(s) (partitions' keys {ranges})",
     )
 
 
@@ -244,6 +253,7 @@ REPLAYS = {
     "float_safety": _float_safety,
     "cross_step": _cross_step,
     "batch": batch_invariance.replay,
+    "batch_kv": batch_invariance.replay_kv,
     **kv_invariant.REPLAYS,
 }
 

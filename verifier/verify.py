@@ -16,8 +16,9 @@
    schedule.json and, where it differs, for the task table kernel.cu runs
    (`verifier.kernel_table`); the online-softmax lemmas (e, `verifier.attention`), with a check
    that kernel.cu's softmax functions are the ones they cover; the batch invariance of every
-   reduction's split (g, `verifier.batch_invariance`, from kernel.cu's constexprs); the KV-cache
-   step invariant and the token handoff between steps (h, `verifier.kv_invariant`); each
+   reduction's split (g, `verifier.batch_invariance`, from kernel.cu's constexprs and
+   attn_partial's key range); the KV-cache step invariant and the token handoff between steps
+   (h, `verifier.kv_invariant`); each
    fused instruction of fused.json against the rebuilt graph's ops (f, `verifier.algebra`),
    with the graph's attention against the kernel's (e, `verifier.attention_link`); the
    fusion rules on a small model of the family, after their axioms are checked numerically
@@ -327,8 +328,9 @@ def _kernel_obligations(
     template: ShapeTemplate,
     report: Report,
 ) -> list[Obligation]:
-    """The obligations read from kernel.cu's text (g: its reductions' split constants; h: its
-    KV append's address; d: with its chunk sizes), and those of the schedule it runs (its task
+    """The obligations read from kernel.cu's text (g: its reductions' split constants and
+    attn_partial's key range; h: its KV append's address; d: with its chunk sizes and key
+    range), and those of the schedule it runs (its task
     table), where that differs from schedule.json's. Those made again for kernel.cu carry the
     subject prefix KERNEL_COPY; `merge` drops the ones schedule.json's already are."""
     name = "kernel.cu's task table is schedule.json's"
@@ -339,7 +341,10 @@ def _kernel_obligations(
         return []
     own: list[Obligation] = []
     for what, make in (
-        ("(g) kernel.cu's split constants are readable", batch_invariance.obligations),
+        (
+            "(g) kernel.cu's split constants and key range are readable",
+            batch_invariance.obligations,
+        ),
         (
             "(h) kernel.cu's KV append store is readable",
             lambda t: [kv_invariant.append_store(t, g)],
@@ -349,15 +354,15 @@ def _kernel_obligations(
             own += make(text)
         except (ExprError, ZeroDivisionError) as e:
             report.checks.append((what, False, str(e) or "a constexpr divides by 0"))
-    try:  # (d) with the chunk sizes kernel.cu computes
-        consts = batch_invariance.Constants(text)
-        chunks = {n: consts.value(n, {}) for n in ("C", "CI", "CV")}
+    try:  # (d) with the chunk sizes and the key range kernel.cu computes
         own += [
             replace(ob, subject=f"{KERNEL_COPY}{ob.subject}")
-            for ob in reductions.obligations(g, chunks)
+            for ob in reductions.obligations(g, text)
         ]
     except (ExprError, ZeroDivisionError) as e:
-        report.checks.append(("(d) kernel.cu's chunk sizes are readable", False, str(e)))
+        report.checks.append(
+            ("(d) kernel.cu's chunk sizes and key range are readable", False, str(e))
+        )
     try:
         table = read_table(text, template, sched.options)
     except TableError as e:

@@ -122,8 +122,9 @@ RULES: dict[Kind, tuple[str, Rule]] = {
     Kind.ATTN_PARTIAL: (
         "attn_partial",
         Loop(
-            "ATTN_PARTIAL (g, part): query heads g*G .. g*G+G-1 against the keys j of partition `part`,\n"
-            "  [part*C, min((part+1)*C, S)) restricted to lo <= j <= pos; s_j = q.k_j / sqrt(D); writes the\n"
+            "ATTN_PARTIAL (g, part): query heads g*G .. g*G+G-1 against the keys j of partition `part`:\n"
+            "  the n = pos + 1 - lo visible keys cut into P runs of c = ceil(n / P), this one\n"
+            "  [lo + part*c, min(lo + (part+1)*c, pos + 1)) (a function of pos alone); s_j = q.k_j / sqrt(D); writes the\n"
             "  unnormalized o = sum_j exp(s_j - m) v_j, m = max_j s_j and l = sum_j exp(s_j - m) (no key: -inf, 0, 0).\n"
             "  Key slots keep online-softmax states (attn_keys), merged in the warp, then over warps in order.",
             (
@@ -132,7 +133,8 @@ RULES: dict[Kind, tuple[str, Rule]] = {
                 "float* qs = sm.f;          // [G][D] queries of one batch row",
                 "float* ws = sm.f + G * D;  // [NWARPS][D + 2] per-warp (o, m, l) of one head",
                 "const int lo = WINDOW > 0 ? max(0, pos - WINDOW + 1) : 0;  // first key in the window",
-                "const int j0 = max(part * C, lo), j1 = min(min((part + 1) * C, S), pos + 1);",
+                "const int n = pos + 1 - lo, c = (n + P - 1) / P;  // visible keys; keys per partition",
+                "const int j0 = lo + part * c, j1 = min(j0 + c, pos + 1);  // empty when j0 > pos",
                 "for (int b = 0; b < B; ++b) {",
                 "  const size_t head0 = (static_cast<size_t>(b) * KV + g) * S * D;  // cache[b, g, 0, 0]",
                 "  for (int i = threadIdx.x; i < G * D; i += THREADS) qs[i] = ld_act(p.q + b * QD + g * G * D + i);",

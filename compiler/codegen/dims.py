@@ -78,10 +78,6 @@ class KernelDims:
         return self.threads // 32
 
     @property
-    def chunk_keys(self) -> int:  # C: keys per attention partition
-        return -(-self.max_seq // self.partitions)
-
-    @property
     def attn_smem_floats(self) -> int:  # queries of one group + per-warp (o, m, l) of one head
         return self.group * self.head_dim + self.nwarps * (self.head_dim + 2)
 
@@ -276,7 +272,6 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     const("P", d.partitions, "KV partitions per KV head")
     const("KS", d.down_splits, "split-K chunks of the down projection")
     const("NT", d.vocab_tiles, "LM-head vocabulary tiles")
-    const("C", "(S + P - 1) / P", "keys per partition")
     const("CI", "I / KS", "columns per down-projection chunk")
     const("CV", "(V + NT - 1) / NT", "vocabulary rows per LM-head tile")
     e.blank()
@@ -306,7 +301,7 @@ def render_dims(e: Emitter, d: KernelDims) -> None:
     )
     e.line('static_assert(EMBED_COLS % 8 == 0 && EMBED_COLS <= H, "EMBED: 16-byte column groups");')
     e.line('static_assert(I % KS == 0 && CI % 8 == 0 && H % 8 == 0, "16-byte rows");')
-    e.line('static_assert(C * P >= S, "partitions cover the cache");')
+    e.line('static_assert(P >= 1, "KV partitions: P runs of the visible keys");')
     e.blank()
     e.comment(
         "RoPE inverse frequencies (FusedGraph rope_inv_freq, rounded to fp32); angle = pos * INV_FREQ[i]"

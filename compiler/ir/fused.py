@@ -31,9 +31,11 @@ Instruction kinds, with their `inputs` and `outputs` in this exact order (l = la
                      rotate_half(y)[i] sin(a_i), a_i = pos * inv_freq[i mod D/2], per head.
                      (Its tasks take rows in RoPE pair order, whole pairs each: schedule.py.)
     ATTN_PARTIAL     (q, k_cache.l, v_cache.l, pos) -> (attn_o, attn_m, attn_l)
-                     head h reads KV head h // (Hq/KV). Partition p covers key positions
-                     [p*C, min((p+1)*C, S)), C = ceil(S/P), restricted to lo <= j <= pos with
-                     lo = max(0, pos - window + 1) (window: sliding_window, else none).
+                     head h reads KV head h // (Hq/KV). The visible keys are lo <= j <= pos,
+                     lo = max(0, pos - window + 1) (window: sliding_window, else lo = 0): n =
+                     pos + 1 - lo of them, cut into P runs of c = ceil(n/P); partition p covers
+                     [lo + p*c, min(lo + (p+1)*c, pos + 1)) (empty when lo + p*c > pos). The
+                     split depends on pos only: the same for every batch row and launch shape.
                      s_j = q.k_j / sqrt(D); m = max_j s_j (-inf if no key); l = sum exp(s_j - m);
                      o = sum exp(s_j - m) v_j (0 if no key).
     ATTN_MERGE       (attn_o, attn_m, attn_l) -> (attn)

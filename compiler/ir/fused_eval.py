@@ -137,13 +137,12 @@ def _attn_partial(m: _Machine, i: Instr) -> None:
     window = m.dim("sliding_window")
     lo = 0 if window is None else max(0, m.pos - window + 1)
     j = np.arange(s)
-    valid = (j >= lo) & (j <= m.pos)
-    c = _ceil_div(s, parts)
+    c = _ceil_div(m.pos + 1 - lo, parts)  # keys per partition: ceil(n / P) of the n visible
     o = np.zeros((b, hq, parts, d))
     mx = np.full((b, hq, parts), -np.inf)
     ell = np.zeros((b, hq, parts))
     for p in range(parts):
-        sel = valid & (j >= p * c) & (j < min((p + 1) * c, s))  # [S]
+        sel = (j >= lo + p * c) & (j < min(lo + (p + 1) * c, m.pos + 1))  # [S]
         if not sel.any():
             continue  # no key: m = -inf, l = 0, o = 0
         sp = scores[:, :, sel]  # [B, Hq, n]

@@ -13,12 +13,12 @@ modes:
 * `pos=None` (static, conservative; what the scheduler uses): a QKV task's cache write covers
   its elements' `[0:B, g, 0:S, e0:e1]` slab of each KV head (all of `0:D` for a whole head; for
   part of a head, its two element ranges, one in each half: schedule.py's pair order), and an
-  attention task's cache read covers its whole partition `[p*C, min((p+1)*C, S))`, whatever
-  `pos` and the sliding window are. Every runtime access is inside these boxes, so
-  dependencies derived from them hold at every `pos`.
+  attention task's cache read covers the whole `[0, S)`: its partition is cut from the visible
+  keys at run time, so over all `pos` it may read any key. Every runtime access is inside these
+  boxes, so dependencies derived from them hold at every `pos`.
 * `pos=<int>` (exact; what the interpreter checks): the cache write is the single position
-  `[pos, pos+1)`, and the attention read is `[max(p*C, lo), min((p+1)*C, pos+1))` with
-  `lo = max(0, pos - window + 1)`, omitted when empty.
+  `[pos, pos+1)`, and the attention read is `[lo + p*c, min(lo + (p+1)*c, pos+1))` with
+  `lo = max(0, pos - window + 1)` and `c = ceil((pos + 1 - lo) / P)`, omitted when empty.
 
 Weights and constants (`rope_inv_freq`) appear as reads too: they are never written, so they
 carry no hazards, but their sizes are the balanced policy's cost model. The embedding gather
@@ -73,11 +73,6 @@ class Geometry:
         return self.Hq // self.KV
 
     @property
-    def C(self) -> int:
-        """Key positions per attention partition."""
-        return math.ceil(self.S / self.P)
-
-    @property
     def CI(self) -> int:
         """Intermediate columns per down-projection chunk."""
         return self.I // self.KS
@@ -96,12 +91,18 @@ class Geometry:
         """First key position visible from `pos` (sliding window, else 0)."""
         return 0 if self.window is None else max(0, pos - self.window + 1)
 
+    def chunk(self, pos: int) -> int:
+        """Keys per attention partition at pos: ceil(n / P) of the n = pos + 1 - lo visible."""
+        return -(-(pos + 1 - self.lo(pos)) // self.P)
+
     def keys(self, p: int, pos: int | None = None) -> tuple[int, int]:
-        """Key positions of partition p: all of them (pos None) or those visible from pos."""
-        a, b = p * self.C, min((p + 1) * self.C, self.S)
-        if pos is not None:
-            a, b = max(a, self.lo(pos)), min(b, pos + 1)
-        return a, max(a, b)
+        """Key positions partition p reads from pos (fused.py), or every key it may read at
+        some pos (pos None: the whole cache)."""
+        if pos is None:
+            return 0, self.S
+        c = self.chunk(pos)
+        a = self.lo(pos) + p * c
+        return a, max(a, min(a + c, pos + 1))
 
     def vocab_rows(self, t: int) -> tuple[int, int]:
         """Vocabulary rows of LM-head tile t (empty past the vocabulary)."""

@@ -5,8 +5,8 @@
   tasks, of the longest chain that ends at a task; the step's longest chain (`hops`) is the
   number of dependent phases a step pays, each a counter round trip.
 * **Bytes.** What a task must read from device memory: its weight rows (rows x K bf16) or, for
-  attention, the K and V rows of its partition up to the KV length. Activations are a few KiB a
-  phase and are left out.
+  attention, the K and V rows of its partition at the KV length (pos = KV length: its share of
+  the visible keys). Activations are a few KiB a phase and are left out.
 * **Phases.** Tasks grouped by (layer, kind) in program order, with their bytes and depths.
 * **Prediction.** The phases of a step run one after another (each waits on the one before it);
   a phase lasts as long as its busiest CTA, and a task costs a fixed TASK_US of its kind plus its
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from compiler.ir.fused import FusedGraph, Kind
+from compiler.schedule.regions import Geometry
 from compiler.schedule.schedule import Schedule
 
 # H200 (v3.1 profiles): the copy bandwidth; the median hand-off from a finished dependency to its
@@ -68,10 +69,12 @@ class Phase:
 def task_bytes(fg: FusedGraph, sched: Schedule, kv_len: int) -> np.ndarray:
     """Bytes each task reads from device memory at KV length `kv_len` (int64, by task id)."""
     b = sched.bound()
-    bsz, seq, parts, nt, ks = b["B"], b["S"], b["P"], b["NT"], b["KS"]
+    bsz, seq, nt, ks = b["B"], b["S"], b["NT"], b["KS"]
     h, i = int(fg.dim("hidden")), int(fg.dim("intermediate"))
     d, heads, vocab = int(fg.dim("head_dim")), int(fg.dim("heads")), int(fg.dim("vocab"))
-    chunk, cv = -(-seq // parts), -(-vocab // nt)
+    cv = -(-vocab // nt)
+    g = Geometry.of(fg, b)
+    pos = min(kv_len, seq - 1)  # keys 0..kv_len (those of the window), cut as at that pos
     out = np.zeros(len(sched.tasks), dtype=np.int64)
     for t in sched.tasks:
         ps = t.params
@@ -81,8 +84,8 @@ def task_bytes(fg: FusedGraph, sched: Schedule, kv_len: int) -> np.ndarray:
             case Kind.QKV_ROPE_APPEND:
                 n = (ps[1] - ps[0]) * h * 2
             case Kind.ATTN_PARTIAL:
-                keys = max(0, min((ps[1] + 1) * chunk, kv_len + 1) - ps[1] * chunk)
-                n = bsz * keys * d * 2 * 2
+                j0, j1 = g.keys(ps[1], pos)
+                n = bsz * (j1 - j0) * d * 2 * 2
             case Kind.OPROJ_RESIDUAL:
                 n = (ps[1] - ps[0]) * heads * d * 2
             case Kind.GATE_UP_SILU:
