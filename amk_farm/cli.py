@@ -349,7 +349,7 @@ def _check_output_file(path: Path, force: bool) -> None:
 
 
 def _options(
-    pairs: list[str], sm_count: int | None, arch: str, batch: int, hidden: int | None = None
+    pairs: list[str], sm_count: int | None, arch: str, batch: int, model: Any = None
 ) -> Any:
     import dataclasses
 
@@ -366,7 +366,7 @@ def _options(
         values[key] = value if fields[key] in (str, "str") else _int(value, key)
     if sm_count is not None:
         values["sm_count"] = sm_count
-    return Options.for_target(arch, batch, hidden, **values)
+    return Options.for_target(arch, batch, model, **values)
 
 
 def _int(text: str, key: str) -> int:
@@ -430,7 +430,7 @@ def compile_(
 
     spec = catalog.resolve(model)
     shape = ShapeTemplate.parse(template) if template is not None else ShapeTemplate.default(spec)
-    opts = _options(option or [], sm_count, arch, shape.batch, spec.hidden_size)
+    opts = _options(option or [], sm_count, arch, shape.batch, spec)
     check_compile(spec, shape, opts)  # before any work: the checkpoint digest reads every byte
     out = output or Path(f"{spec.name.replace('/', '_')}-{shape}-{arch}")
     check_output(out, force)

@@ -112,7 +112,7 @@ def submit(
             spec,
             shape,
             a,
-            _options(option or [], None, a, shape.batch, spec.hidden_size),
+            _options(option or [], None, a, shape.batch, spec),
             files,
             ckpt,
             str(weights.resolve()) if weights else None,

@@ -183,7 +183,7 @@ def compile_model(
         spec,
         template,
         arch,
-        options or Options.for_target(arch, template.batch, spec.hidden_size),
+        options or Options.for_target(arch, template.batch, spec),
         **(start or {}),
     )
     check_compile(spec, template, st.options)

@@ -41,7 +41,10 @@ HOP = 2.0  # us from a predecessor's end to its consumer's going
 RUN = {k: 1.0 + i for i, k in enumerate(Kind)}  # us a task of each kind runs
 T0 = 10**12  # a global-timer origin (ns)
 # marks the simulated bodies reach, at these fractions of their run (mark 0 unreached in one)
-MARKED = {Kind.GATE_UP_SILU: {0: 0.25, 1: 0.5, 2: 0.75}, Kind.ATTN_PARTIAL: {1: 0.5, 3: 0.75}}
+MARKED = {
+    Kind.GATE_UP_SILU: {0: 0.25, 1: 0.5, 2: 0.75},
+    Kind.ATTN_PARTIAL: {1: 0.5, 3: 0.75, 4: 0.875},
+}
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +136,13 @@ def test_timeline_gives_back_the_simulated_step(tiny: tuple[FusedGraph, Schedule
     for k, row in a["by_kind"].items():
         assert row["median_task_us"] == pytest.approx(RUN[Kind(k)])
         segs, run = row["segments_us"], RUN[Kind(k)]
-        assert sum(x for x in segs if x is not None) == pytest.approx(run)
+        assert sum(x for x in segs if x is not None) == pytest.approx(run, abs=0.02)  # rounded
         fractions = MARKED.get(Kind(k), {})
         assert [x is not None for x in segs[:MARKS]] == [m in fractions for m in range(MARKS)]
     gate = a["by_kind"]["gate_up_silu"]["segments_us"]
     quarter = 0.25 * RUN[Kind.GATE_UP_SILU]  # waited > 0 > 1 > 2 (3 unreached) > end
-    assert gate[3] is None and [gate[i] for i in (0, 1, 2, 4)] == pytest.approx([quarter] * 4)
+    assert gate[3] is None and gate[4] is None
+    assert [gate[i] for i in (0, 1, 2, 5)] == pytest.approx([quarter] * 4)
     json.dumps(a, allow_nan=False)  # --json output: no NaN
     ct = a["cta_time"]
     assert ct["busy"] + ct["wait"] + ct["idle"] == pytest.approx(1, abs=1e-3)
@@ -186,7 +190,8 @@ def test_profile_build_only_adds_stamps(
     prof = render_kernel(fg, sched, profile=True)
     marks = re.findall(r"^\s*// @mark (\d)$", plain, re.M)
     assert len(marks) >= 8 and "prof_mark" not in plain
-    assert prof.count("prof_mark(") == len(marks) + 1 and "amk_prof" in prof  # + its definition
+    # + its definition and the entry's mark 4, before each task's signal
+    assert prof.count("prof_mark(") == len(marks) + 2 and "amk_prof" in prof
     # the profile build is the plain kernel plus lines: nothing of it is changed or dropped,
     # but for the mark comments, which become the marks
     filled = re.sub(r"^(\s*)// @mark (\d)$", r"\1prof_mark(\2);", plain, flags=re.M)

@@ -451,14 +451,23 @@ def test_templates_build(fg: FusedGraph) -> None:
         build_schedule(dataclasses.replace(fg, instrs=fg.instrs[:-1]), B4, Options())
 
 
-def test_narrow_models_default_to_16_row_tiles() -> None:
+def test_small_batch_defaults_follow_the_model_shape() -> None:
+    from amk_farm.catalog import resolve
     from compiler.schedule.schedule import Options
 
-    assert Options.for_target("sm_90a", 1, 576).row_tile == 16  # smollm2-135m
-    assert Options.for_target("sm_90a", 1, 2048).row_tile == 64  # llama-3.2-1b
-    assert Options.for_target("sm_90a", 1).row_tile == 64  # no model given
-    assert Options.for_target("sm_90a", 16, 576).row_tile == 64  # the tensor-core batch path
-    assert Options.for_target("sm_90a", 1, 576, row_tile=32).row_tile == 32  # given values win
+    def picked(name: str, batch: int = 1, **values: object) -> tuple[object, ...]:
+        o = Options.for_target("sm_90a", batch, resolve(name), **values)
+        return o.tile_policy, o.qkv_head_split, o.kv_partitions
+
+    assert picked("smollm2-135m") == ("fit", 4, 8)  # 15 heads x 4 <= 132; 3 KV heads
+    assert picked("llama-3.2-1b") == ("fit", 2, 8)  # 48 heads x 2 <= 132 < 48 x 4
+    assert picked("llama-2-7b") == ("fit", 1, 4)  # 96 heads; 32 KV heads x 4 = 128
+    assert picked("llama-2-13b") == ("fit", 1, 4)  # 40 KV heads: never below 4
+    assert picked("llama-2-70b") == ("fit", 1, 8)
+    assert picked("llama-2-7b", sm_count=108) == ("fit", 1, 4)  # an A100's SMs
+    assert picked("llama-3.2-1b", 16) == ("fixed", 1, 4)  # the tensor-core batch path
+    assert picked("llama-3.2-1b", kv_partitions=3) == ("fit", 2, 3)  # given values win
+    assert Options.for_target("sm_90a", 1).tile_policy == "fixed"  # no model given
 
 
 def test_fit_tiles_leave_at_most_one_task_per_sm_an_instruction() -> None:

@@ -49,18 +49,19 @@ profile build: the host points amk_prof at PROF_WORDS u64 words, zeroed before e
   [id * 4 + 0..3]                consumer thread 0 of task id: start, counter waits done, end
                                  (after its signal), and the SM it ran on (%smid)
   [NTASKS * 4 + id * 2 + 0..1]   producer lane 0: start and end of issuing the task's weights
-  [NTASKS * 6 + id * 4 + 0..3]   marks inside the task body (0: not reached), amk.cuh's
+  [NTASKS * 6 + id * 5 + 0..4]   marks inside the task body (0: not reached), amk.cuh's
                                  `// @mark k` lines: 0 matvec: RMSNorm statistics done (or
                                  matvec entered); 1 matvec: the last input chunk staged,
                                  attention: a batch row's keys folded; 2 matvec: every weight
                                  slot consumed, attention: key slots merged in each warp;
                                  3 mma matvec: the warps' sums reduced, attention: the warps
-                                 merged (each mark the last time the task reached it)
+                                 merged; 4 the body done, before its signal (each mark the last
+                                 time the task reached it)
 stamps are %globaltimer nanoseconds of the last step the launch ran"""
 # amk.cuh's `// @profile-defs` line becomes these in the profile build (before any mark)
 PROFILE_EARLY = """\
 __device__ u64* amk_prof;  // PROF_WORDS words, set by the host (profile build only)
-__device__ u64 amk_marks[SM_COUNT * 4];  // per CTA: the marks of the task it is running
+__device__ u64 amk_marks[SM_COUNT * 5];  // per CTA: the marks of the task it is running
 __device__ __forceinline__ u64 prof_now() {
   u64 t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
@@ -72,9 +73,9 @@ __device__ __forceinline__ unsigned prof_smid() {
   return s;
 }
 __device__ __forceinline__ void prof_mark(int k) {
-  if (threadIdx.x == 0) amk_marks[blockIdx.x * 4 + k] = prof_now();
+  if (threadIdx.x == 0) amk_marks[blockIdx.x * 5 + k] = prof_now();
 }"""
-PROFILE_DEFS = "constexpr int PROF_WORDS = NTASKS * 10;"
+PROFILE_DEFS = "constexpr int PROF_WORDS = NTASKS * 11;"
 MARK = re.compile(r"^(\s*)// @mark (\d)$", re.M)
 
 
@@ -204,21 +205,23 @@ def _kernel(e: Emitter, profile: bool) -> None:
                 if profile:
                     e.line("const u64 t1 = prof_now();")
                     e.line("if (threadIdx.x == 0)")
-                    e.line("  for (int k = 0; k < 4; ++k) amk_marks[blockIdx.x * 4 + k] = 0;")
+                    e.line("  for (int k = 0; k < 5; ++k) amk_marks[blockIdx.x * 5 + k] = 0;")
                 with e.block("switch (t.op)"):
                     for k in OPS:
                         e.line(
                             f"case {op_name(k)}: {function_name(k)}(p, t, pos, step, sm, ring); break;"
                         )
                     e.line("default: __trap();")
+                if profile:
+                    e.line("prof_mark(4);")
                 e.line("signal_task(p.counters, t);")
                 if profile:
                     with e.block("if (threadIdx.x == 0 && step == steps - 1)"):
                         e.line("u64* r = amk_prof + id * 4;")
                         e.line("r[0] = t0, r[1] = t1, r[2] = prof_now(), r[3] = prof_smid();")
-                        e.line("for (int k = 0; k < 4; ++k)")
+                        e.line("for (int k = 0; k < 5; ++k)")
                         e.line(
-                            "  amk_prof[NTASKS * 6 + id * 4 + k] = amk_marks[blockIdx.x * 4 + k];"
+                            "  amk_prof[NTASKS * 6 + id * 5 + k] = amk_marks[blockIdx.x * 5 + k];"
                         )
 
 

@@ -8,7 +8,7 @@ Per task, in global-timer nanoseconds: `start` (consumer thread 0 reaches the ta
 (its counter waits hold and the consumers have met), `end` (its signal is issued), and for tasks
 that stream weights, the producer warp's `pstart`/`pend` of issuing them, and up to four `marks`
 inside the task body (PROFILE_DOC: RMSNorm done, inputs staged, weights consumed, sums reduced;
-attention: keys folded, slots merged, warps merged). The step runs from the first CTA's first
+attention: keys folded, slots merged, warps merged; then the body done, before its signal). The step runs from the first CTA's first
 start to the last CTA's last end.
 
 * **wait**: waited - start, by kind and by layer: time a CTA sat on counters.
@@ -50,7 +50,7 @@ COLOURS: dict[Kind, tuple[int, int, int]] = {
     Kind.ARGMAX_REDUCE: (0, 0, 0),
 }
 WAIT_GREY = (200, 200, 200)
-MARKS = 4  # marks a task body can reach (PROFILE_DOC)
+MARKS = 5  # marks a task body can reach (PROFILE_DOC; the fifth, before the signal, every task)
 WORDS = 6 + MARKS  # stamp words per task: PROF_WORDS = NTASKS * WORDS
 
 
@@ -379,7 +379,8 @@ def summary(a: dict[str, Any]) -> str:
         lines.append(f"  {k:16} {v['tasks']:6d} {v['wait_us']:10.1f} {v['busy_us']:10.1f} "
                      f"{_us(v['median_hop_us']):>7} {v['median_task_us']:7.2f}")  # fmt: skip
     lines.append(
-        "task body, median us: waited > mark 0 > 1 > 2 > 3 > end (PROFILE_DOC; - unreached):"
+        "task body, median us: waited > mark 0 > 1 > 2 > 3 > body done > signalled "
+        "(PROFILE_DOC; - unreached):"
     )
     for k, v in a["by_kind"].items():
         segs = v.get("segments_us", [])

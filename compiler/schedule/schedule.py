@@ -44,7 +44,7 @@ from compiler.ir import jsonform
 from compiler.ir.fused import Kind
 from compiler.ir.graph import IRError
 from compiler.limits import LIMITS, check, show
-from compiler.spec import ShapeTemplate
+from compiler.spec import ModelSpec, ShapeTemplate
 
 SCHEDULE_VERSION = 1
 POLICIES = ("round_robin", "balanced")
@@ -66,12 +66,31 @@ LARGE_BATCH: dict[str, dict[str, Any]] = {
     "sm_90a": {"matvec": "mma", "stages": 2, "stage_bytes": 64 * 1024, "work_bytes": 96 * 1024},
 }
 MMA_BATCH = 8  # the smallest batch that defaults to the tensor-core matvec
-# Narrow models (hidden size up to NARROW_HIDDEN) at small batch: 16-row tiles. Their phases are
-# latency-bound, so more, shorter tasks finish each phase sooner: smollm2-135m (hidden 576) b1 on
-# an H200 0.967 ms with 64-row tiles, 0.800 with 32, 0.767 with 16 (profiles, NOTES.md v3.1);
-# llama-3.2-1b (hidden 2048) 0.984 with 64, 0.996 with 32, so wider models keep 64.
-NARROW_HIDDEN = 1024
-NARROW: dict[str, Any] = {"row_tile": 16}
+# Batch 1-7, by the model's shape (`small_batch_shape`; H200 measurements in NOTES.md v3.2): every
+# phase is latency-bound on few SMs unless its tasks cover them, so
+#   * o-proj, gate/up and down tiles sized to at most sm_count tasks (tile_policy=fit:
+#     smollm2-135m 0.721 -> 0.665 ms, llama-3.2-1b 0.953 -> 0.919, llama-2-7b 3.949 -> 3.669);
+#   * QKV tasks of 1/2 or 1/4 of a head while the heads times that fit the SMs (qkv_head_split:
+#     smollm2-135m 0.665 -> 0.601 ms at 4, llama-3.2-1b 0.919 -> 0.886 at 2);
+#   * KV partitions while the KV heads times P fit the SMs, 4 to 8 (runtime-sized partitions:
+#     llama-3.2-1b KV 2048 1.037 -> 0.963 ms at P = 8; llama-2-7b, 32 KV heads, 4.20 -> 4.28 ms
+#     at 8, so it keeps 4).
+MAX_QKV_SPLIT = 4
+KV_PARTITIONS = (4, 8)  # the range the rule picks P from
+
+
+def small_batch_shape(model: ModelSpec, sm_count: int) -> dict[str, Any]:
+    """The batch 1-7 options for `model`'s shape on `sm_count` SMs (see above)."""
+    heads = model.num_heads + 2 * model.num_kv_heads
+    half = model.head_dim // 2
+    split = max(
+        s
+        for s in range(1, MAX_QKV_SPLIT + 1)
+        if half % s == 0 and (s == 1 or heads * s <= sm_count)
+    )
+    lo, hi = KV_PARTITIONS
+    parts = min(hi, max(lo, sm_count // model.num_kv_heads))
+    return {"tile_policy": "fit", "qkv_head_split": split, "kv_partitions": parts}
 
 
 @dataclass(frozen=True)
@@ -129,13 +148,16 @@ class Options:
             )
 
     @classmethod
-    def for_target(cls, arch: str, batch: int, hidden: int | None = None, **values: Any) -> Options:
-        """The defaults for `arch`, `batch` and the model's `hidden` size (ARCH_DEFAULTS,
-        SMALL_BATCH, LARGE_BATCH, NARROW), with `values` on top."""
+    def for_target(
+        cls, arch: str, batch: int, model: ModelSpec | None = None, **values: Any
+    ) -> Options:
+        """The defaults for `arch`, `batch` and, below the tensor-core batch, `model`'s shape
+        (ARCH_DEFAULTS, SMALL_BATCH, LARGE_BATCH, `small_batch_shape`), with `values` on top."""
         by_batch = LARGE_BATCH if batch >= MMA_BATCH else SMALL_BATCH
-        narrow = hidden is not None and hidden <= NARROW_HIDDEN and batch < MMA_BATCH
-        by_model = NARROW if narrow else {}
-        return cls(**(ARCH_DEFAULTS.get(arch, {}) | by_batch.get(arch, {}) | by_model | values))
+        base = ARCH_DEFAULTS.get(arch, {}) | by_batch.get(arch, {})
+        sm = (base | values).get("sm_count", cls.sm_count)
+        by_model = small_batch_shape(model, sm) if model is not None and batch < MMA_BATCH else {}
+        return cls(**(base | by_model | values))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
