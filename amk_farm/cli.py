@@ -430,7 +430,12 @@ def compile_(
 
     spec = catalog.resolve(model)
     shape = ShapeTemplate.parse(template) if template is not None else ShapeTemplate.default(spec)
+    begin = load_stage(start) if start is not None else None
     opts = _options(option or [], sm_count, arch, shape.batch, spec)
+    if begin is not None and "schedule" in begin:  # its options are the ones it was built with
+        if option or sm_count is not None:
+            raise ValueError("--option and --sm-count cannot change a schedule.json's options")
+        opts = begin["schedule"].options
     check_compile(spec, shape, opts)  # before any work: the checkpoint digest reads every byte
     out = output or Path(f"{spec.name.replace('/', '_')}-{shape}-{arch}")
     check_output(out, force)
@@ -440,7 +445,6 @@ def compile_(
 
         Checkpoint.open(weights, spec)  # refuses a checkpoint that does not fit the model
         ckpt = checkpoint_digest(weights)
-    begin = load_stage(start) if start is not None else None
     manifest, st = compile_model(
         spec,
         shape,

@@ -34,11 +34,15 @@ def _signing_key() -> Any:
     return signing.load_private_key(path)
 
 
-def _start_files(start: Path, store: Any) -> dict[str, str]:
-    """The stage files a job starts from (`--from`), stored: kind -> digest."""
+def _start_stages(start: Path, option: list[str] | None) -> dict[str, Any]:
+    """The stages a job starts from (`--from`): kind -> loaded stage. A schedule.json carries
+    the options it was built with, so --option cannot change them."""
     from compiler.pipeline import load_stage
 
-    return {k: store.put_bytes(v.dumps().encode()) for k, v in load_stage(start).items()}
+    stages = load_stage(start)
+    if "schedule" in stages and option:
+        raise ValueError("--option cannot change a schedule.json's options")
+    return stages
 
 
 @app.command()
@@ -97,7 +101,7 @@ def submit(
             raise ValueError(f"unsupported arch {a!r} (supported: {', '.join(ARCHS)})")
     for shape in shapes:  # every job within the limits before anything is stored
         for a in archs:
-            check_compile(spec, shape, _options(option or [], None, a, shape.batch))
+            check_compile(spec, shape, _options(option or [], None, a, shape.batch, spec))
     _signing_key()  # refuse before any work if nothing could be published
     ckpt = None
     if weights is not None:
@@ -106,13 +110,15 @@ def submit(
         Checkpoint.open(weights, spec)
         ckpt = checkpoint_digest(weights)
     engine, store = _registry()
-    files = _start_files(start, store) if start is not None else {}
+    begin = _start_stages(start, option) if start is not None else {}
+    files = {k: store.put_bytes(v.dumps().encode()) for k, v in begin.items()}
+    given = begin["schedule"].options if "schedule" in begin else None
     targets = [
         farm.Target(
             spec,
             shape,
             a,
-            _options(option or [], None, a, shape.batch, spec),
+            given or _options(option or [], None, a, shape.batch, spec),
             files,
             ckpt,
             str(weights.resolve()) if weights else None,

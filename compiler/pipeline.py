@@ -179,6 +179,11 @@ def compile_model(
     """
     if arch not in ARCHS:
         raise IRError(f"unsupported arch {arch!r} (supported: {', '.join(ARCHS)})")
+    given = (start or {}).get("schedule")
+    if given is not None:  # a schedule carries the options it was built with
+        if options is not None and options != given.options:
+            raise IRError("schedule.json was built with other options than the ones given")
+        options = given.options
     st = State(
         spec,
         template,

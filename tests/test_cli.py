@@ -190,3 +190,23 @@ def test_verify_summary_folds_runs_of_alike_layers_in_layer_order():
         ("c layers 0-1 (each)", "proved 1"),
         ("c layer 3", "proved 1"),
     ]
+
+
+def test_a_schedule_json_keeps_its_own_options(home, tmp_path):
+    """--from schedule.json builds with the options the schedule was made with (the manifest
+    records them, so the kernel's constants match), and --option cannot change them."""
+    first = tmp_path / "first"
+    r = runner.invoke(app, ["compile", "tiny-llama", "-t", "b1-s64", "--option", "kv_partitions=5",
+                            "-o", str(first)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    again = tmp_path / "again"
+    r = runner.invoke(app, ["compile", "tiny-llama", "-t", "b1-s64", "--from",
+                            str(first / "schedule.json"), "-o", str(again)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert manifest["options"]["kv_partitions"] == 5
+    assert (again / "kernel.cu").read_text() == (first / "kernel.cu").read_text()
+    bad = tmp_path / "bad"
+    r = runner.invoke(app, ["compile", "tiny-llama", "-t", "b1-s64", "--from",
+                            str(first / "schedule.json"), "--option", "row_tile=8", "-o", str(bad)])  # fmt: skip
+    assert r.exit_code != 0 and "schedule.json's options" in r.output and not bad.exists()
