@@ -83,6 +83,7 @@ class ExprEval:
         self.last_returns: list[Any] = []
         self.externals: set[str] = set()
         self.globals: dict[str, object] = {}
+        self.invariants: dict[str, z3.BoolRef] = {}  # a symbol -> what is proved of it
         self._consts(unit)
 
     # ---- the file's constants and tables -------------------------------------------------------
@@ -389,6 +390,8 @@ class ExprEval:
                 return x * (1 << ky)
             if op == ">>" and isinstance(ky, int):
                 return x / (1 << ky)
+            if op == "&" and isinstance(ky, int) and 0 <= ky < 1 << 16:
+                return x & ky if isinstance(x, int) else _mask(x, ky)
             return fresh("bits", mentions_tid(x) or mentions_tid(y))
         return {"+": lambda: x + y, "-": lambda: x - y, "*": lambda: x * y}[op]()
 
@@ -605,6 +608,15 @@ class ExprEval:
         boo = (bool, z3.BoolRef)
         if isinstance(a, boo) and isinstance(b, boo) and c is not None and not isinstance(c, bool):
             return z3.If(c, a, b)
+        if (
+            isinstance(a, num)
+            and isinstance(b, num)
+            and not isinstance(a, bool)
+            and not isinstance(b, bool)
+        ):
+            y = fresh("v", mentions_tid(a) or mentions_tid(b) or mentions_tid(c))
+            self.invariants[y.decl().name()] = z3.Or(y == a, y == b)  # one of the paths' values
+            return y
         return self.widen(a, b, mentions_tid(c))
 
     def widen(self, a: object, b: object, vary: bool = False) -> object:
@@ -629,6 +641,18 @@ class ExprEval:
 
 def _is_lvalue(e: n.Expr) -> bool:
     return isinstance(e, (n.Name, n.Member, n.Index)) or (isinstance(e, n.Unary) and e.op == "*")
+
+
+def _mask(x: z3.ArithRef | int, m: int) -> z3.ArithRef | int:
+    """x & m for a constant m >= 0, bit by bit: bit i of x is floor(x / 2^i) mod 2 (Z3's div and
+    mod floor, so this is two's complement for negative x too)."""
+    if m & (m + 1) == 0:
+        return x % (m + 1)  # the low bits
+    out: z3.ArithRef | int = 0
+    for i in range(m.bit_length()):
+        if m >> i & 1:
+            out = out + (x / (1 << i) % 2) * (1 << i)
+    return out
 
 
 def _int_op(op: str, x: int, y: int) -> int | bool:

@@ -10,10 +10,12 @@ state (a frozenset), which the interpreter carries along the control flow:
 * an `if` whose condition is uniform (the same for every thread that reaches it) splits the state
   and joins both branches (facts: union; values: `If`); a divergent `if` runs both branches one
   after the other (different threads take them), each under its part of the guard;
-* a loop runs its body until the client's facts are stable, over an environment where every
-  variable the body changes is havocked: an induction variable `v0 + d * n` (n >= 0, a loop
-  count that is varying when v0 or d is), anything else a fresh symbol; the exit keeps the facts
-  of zero and more iterations (`Client.loop_exit` may refine that);
+* a loop runs its first pass from the entry (iteration 0), then passes from a head state for the
+  iterations n >= 1 (`verifier.device.loops`: every variable the body changes is an induction
+  `v0 + d * n`, checked, or a fresh symbol, with a range invariant where one is inductive) until
+  the client's facts are stable; those passes start from what went round the back edge
+  (`Client.back_edge`). The exit keeps the facts of the head after a pass, and of the entry when
+  the test may fail at once (`Client.loop_exit` may refine that);
 * break, continue and return end a path; the paths join where they resume.
 
 `Interp.run(name)` runs a kernel entry for threads 0 <= TID < BLOCK_THREADS. What falls outside
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import z3
 
+from verifier.device import loops
 from verifier.device import nodes as n
 from verifier.device.exprs import ExprEval
 from verifier.device.sync_values import (
@@ -34,7 +37,7 @@ from verifier.device.sync_values import (
     Ptr,
     as_bool,
     concrete,
-    fresh,
+    fresh_mark,
     mentions_tid,
     symbols,
 )
@@ -69,6 +72,10 @@ class Client:
     def loop_exit(self, entry: frozenset, iterated: frozenset) -> frozenset:
         return entry | iterated
 
+    def back_edge(self, loop: tuple, facts: frozenset) -> frozenset:
+        """The facts that go round loop `loop` (its `Interp.where`) to its head again."""
+        return facts
+
 
 @dataclass
 class State:
@@ -97,6 +104,8 @@ class Interp(ExprEval):
         self._uniform_cache: dict[tuple[int, int], tuple[z3.ExprRef, z3.ExprRef, bool]] = {}
         self.loop_tests: set[str] = set()  # symbols some loop's exit depends on
         self.acquired: list[str] = []  # the symbols atomic loads returned
+        # loop (its `where`) -> the fresh-symbol numbers [lo, hi) its latest run created
+        self.loop_symbols: dict[tuple, tuple[int, int]] = {}
 
     # ---- events and thread sets ----------------------------------------------------------------
 
@@ -296,21 +305,45 @@ class Interp(ExprEval):
         if init is not None:
             st = self.exec(init, st)
         entry = st
-        probe, probe_exits = self.iterate(entry.copy(), test, step, body)
-        havoc = self.havoc(entry, probe)
-        facts = entry.facts | probe.facts | frozenset().union(*(e.facts for e in probe_exits))
-        exits = probe_exits
-        for _ in range(6):  # the facts of one more pass from the loop head, until stable
-            cur = havoc.copy()
-            cur.facts = facts
-            after, exits = self.iterate(cur, test, step, body)
-            new = facts | after.facts | frozenset().union(*(e.facts for e in exits))
-            if new == facts:
+        key = self.where(getattr(body, "line", 0))
+        lo = fresh_mark()
+        probe, probe_exits, runs = self.iterate(entry.copy(), test, step, body)
+        # runs: the test holds on entry, so no path leaves the loop before one pass
+        wrong: set = set()
+        # the passes from the head are the iterations n >= 1 (the probe was n = 0): they start
+        # from what went round the back edge, not from the entry
+        for _ in range(3):  # until the head's inductions are inductions
+            head = loops.havoc(self, entry, probe, wrong)
+            havoc = head.state
+            heads = self.client.back_edge(key, probe.facts)
+            left = _facts(probe_exits)  # the facts of the breaks
+            exits = probe_exits
+            bad: set = set()
+            for npass in range(
+                6 if not probe.dead else 0
+            ):  # one more pass, until the facts are stable
+                cur = havoc.copy()
+                cur.facts = heads
+                after, exits, _ = self.iterate(cur, test, step, body)
+                bad = head.check(self, after) if npass == 0 else set()
+                if bad:
+                    break
+                left |= _facts(exits)
+                new = heads | self.client.back_edge(key, after.facts)
+                if new == heads:
+                    break
+                heads = new
+            if not bad:
                 break
-            facts = new
+            wrong |= bad
+        self.loop_symbols[key] = (lo, fresh_mark())  # the symbols of this run of the loop
         out = havoc.copy()
         out.guard = entry.guard
-        out.facts = self.client.loop_exit(entry.facts, facts)
+        # a loop that runs at least once leaves from the head after a pass, never from its entry
+        if runs:
+            out.facts = self.client.loop_exit(frozenset(), heads | left)
+        else:
+            out.facts = self.client.loop_exit(entry.facts, entry.facts | heads | left)
         if exits:
             out = self.join([out, *exits])
             out.guard = entry.guard
@@ -321,17 +354,20 @@ class Interp(ExprEval):
                 out.env[(frame, k)] = v
         return out
 
-    def iterate(self, st: State, test, step, body) -> tuple[State, list[State]]:
-        """One pass: test, body, step. Returns the state after it and the states that broke out."""
+    def iterate(self, st: State, test, step, body) -> tuple[State, list[State], bool]:
+        """One pass: test, body, step. Returns the state after it, the states that broke out and
+        whether the test held for every thread (no thread left at the head)."""
         g = st.guard
+        held = test is None
         if test is not None:
             before = len(self.acquired)
             c = as_bool(self.eval(test, st))
             if isinstance(c, z3.ExprRef) and len(self.acquired) > before:
                 self.loop_tests |= symbols(c)  # the test loaded atomics: does it spin on them?
+            held = c is True or (c is not False and not self.sat(st.guard, z3.Not(c)))
             if c is False or (c is not True and not self.sat(st.guard, c)):
                 st.dead = True
-                return st, []
+                return st, [], False
             st.guard = z3.And(g, c) if c is not True else g
         self.breaks.append([])
         self.continues.append([])
@@ -343,31 +379,7 @@ class Interp(ExprEval):
             self.eval(step, st)
         brks = self.breaks.pop()
         st.guard = g
-        return st, brks
-
-    def havoc(self, entry: State, after: State) -> State:
-        """The loop head: every value the body changed becomes a symbol (induction if it can)."""
-        out = entry.copy()
-        count: dict[bool, z3.ArithRef] = {}
-        guards = []
-        for key, v0 in entry.env.items():
-            v1 = after.env.get(key, v0) if not after.dead else v0
-            if v1 is v0 or self.same(v0, v1):
-                continue
-            d = None
-            if isinstance(v0, (int, z3.ArithRef)) and isinstance(v1, (int, z3.ArithRef)):
-                d = concrete(v1 - v0) if not isinstance(v0, bool) else None
-            if isinstance(d, int) and not isinstance(d, bool) and d != 0:
-                vary = mentions_tid(v0)
-                if vary not in count:
-                    count[vary] = fresh("iter", vary)
-                    guards.append(count[vary] >= 0)
-                out.env[key] = v0 + d * count[vary]
-            else:
-                out.env[key] = self.widen(v0, v1)
-        if guards:
-            out.guard = z3.And(out.guard, *guards)
-        return out
+        return st, brks, held
 
     def body(self, block: n.Block, st: State) -> State:
         self.returns.append([])
@@ -407,3 +419,7 @@ class Interp(ExprEval):
 
     def ptr_of(self, v: object) -> Ptr | None:
         return v if isinstance(v, Ptr) else None
+
+
+def _facts(states: list[State]) -> frozenset:
+    return frozenset().union(*(s.facts for s in states))

@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 import z3
 
 from verifier.device import nodes as n
+from verifier.device import races
+from verifier.device.clients import Clients
 from verifier.device.interp import Client, Event, Interp
+from verifier.device.races import Races
 from verifier.device.sync_values import TID, Ptr
 
 ENTRY = "amk_megakernel"
@@ -121,6 +124,10 @@ class Protocol(Client):
         d = ev.data
         if not self.consumer_only(ev.guard):
             return facts  # a producer-side barrier (ring_sync): not the consumers' protocol
+        if d["id"] != CONSUMER_BARRIER and d["count"] == self.interp.block:  # type: ignore[union-attr]
+            return (
+                facts  # the ring's lockstep barriers with the producer (THREAD_COPIES): the ring's
+            )
         self.stats["barriers"] += 1
         if d["id"] != CONSUMER_BARRIER or d["count"] != self.threads:
             self.fail(S_BARRIER, ev, f"consumer barrier is bar.sync {d['id']}, {d['count']}, not "
@@ -226,28 +233,42 @@ class Protocol(Client):
 
 
 def check(unit: n.Unit) -> list[tuple[str, bool, str]]:
-    """The counter protocol of kernel.cu's entry: (check, ok, why) for each of `CHECKS`."""
+    """kernel.cu's synchronization, from one run of its entry: (check, ok, why) for each of
+    `CHECKS` (the counter protocol) and of `races.CHECKS` (shared memory within a CTA)."""
     t0 = time.perf_counter()
     threads = _const(unit, "THREADS")
     proto = Protocol(threads=threads)
-    interp = _Recording(unit, proto, proto)
-    proto.interp = interp
+    shared = Races(threads, _const(unit, "BLOCK_THREADS"), _work_offset(unit))
+    interp = _Recording(unit, Clients(proto, shared), proto)
+    proto.interp = shared.interp = interp
     interp.run(ENTRY)
+    t1 = time.perf_counter()
     regions = proto.counter_regions
     _finish(proto, interp)
+    shared.judge(interp.loop_symbols)
     out = []
-    for c in CHECKS:
-        errs = list(proto.errors.get(c, {}))
+    for c in (*CHECKS, *races.CHECKS):
+        errs = list({**proto.errors, **shared.errors}.get(c, {}))
         why = "; ".join(errs[:4]) + (f" (+{len(errs) - 4} more)" if len(errs) > 4 else "")
-        out.append((c, not errs, why or _ok_why(c, proto, regions)))
+        out.append((c, not errs, why or _ok_why(c, proto, regions, shared)))
     dt = time.perf_counter() - t0
-    out.append(("counter protocol interpreted", True, f"{ENTRY}: {proto.stats}, {dt:.2f} s"))
+    out.append(("synchronization interpreted", True,
+                f"{ENTRY}: {proto.stats}, {len(shared.pairs)} shared-memory pairs, "
+                f"{dt:.2f} s ({t1 - t0:.2f} s the run)"))  # fmt: skip
     return out
 
 
-def _ok_why(c: str, proto: Protocol, regions: set[str]) -> str:
+def _work_offset(unit: n.Unit) -> int:
+    """Byte offset of the work area (Smem::f) in dynamic shared memory (amk.cuh's smem_plan)."""
+    stages = _const(unit, "STAGES")
+    return stages * _const(unit, "SLOT_BYTES") + 16 * stages
+
+
+def _ok_why(c: str, proto: Protocol, regions: set[str], shared: Races) -> str:
     s = proto.stats
     return {
+        races.RACE: f"{len(shared.pairs)} pair(s) of consumer accesses with no barrier between: "
+        "no two threads touch a common byte",
         S_ORDER: f"{s['acquires']} acquire load(s), {s['releases']} release increment(s) on {sorted(regions)}",
         S_BARRIER: f"{s['barriers']} consumer barrier event(s), each bar.sync 1, THREADS by every consumer",
     }.get(c, "holds on every path of the consumer loop")
@@ -280,8 +301,9 @@ def _finish(proto: Protocol, interp: _Recording) -> None:
 class _Recording(Interp):
     """Interp that also records the counter atomics and the kernel's exit states."""
 
-    def __init__(self, unit: n.Unit, client: Client, proto: Protocol) -> None:
+    def __init__(self, unit: n.Unit, client: Clients, proto: Protocol) -> None:
         super().__init__(unit, client)
+        self.clients = client
         self.atomics: list[Event] = []
         self.exits: list[tuple[Event, frozenset]] = []
         self.proto = proto
@@ -304,7 +326,7 @@ class _Recording(Interp):
             for s, line in self.last_states:
                 if self.proto.consumer_only(s.guard):
                     ev = Event("exit", s.guard, ((ENTRY, line),))
-                    self.exits.append((ev, s.facts))
+                    self.exits.append((ev, self.clients.part(s.facts, 0)))
         return out
 
 

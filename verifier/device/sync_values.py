@@ -140,6 +140,17 @@ def fresh(prefix: str, varying: bool, sort: str = "int") -> z3.ExprRef:
     return z3.Int(name)
 
 
+def fresh_mark() -> int:
+    """A number below every later `fresh` symbol's (`#n`) and above every earlier one's."""
+    return next(_fresh)
+
+
+def fresh_number(name: str) -> int:
+    """The `#n` of a `fresh` symbol's name (-1 for another name)."""
+    head, _, tail = name.rpartition("#")
+    return int(tail) if head and tail.isdigit() else -1
+
+
 _varying_cache: dict[int, tuple[z3.ExprRef, bool]] = {}  # AST id -> (the term, kept alive; answer)
 
 
