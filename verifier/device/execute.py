@@ -43,6 +43,8 @@ class Executor(Statements):
         for tp, v in zip(f.template, targs, strict=False):
             frame[tp.name] = Var(self.cell(v, tp.name, True))
         for tp in f.template[len(targs) :]:
+            if tp.kind == "class":
+                continue  # a type deduced from the arguments: their values carry it
             if tp.default is None or isinstance(tp.default, n.Type):
                 raise Unsupported(f"template {f.name} instantiated without {tp.name}", f.line)
             frame[tp.name] = Var(self.cell(self.expr(tp.default), tp.name, True))

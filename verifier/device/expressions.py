@@ -129,6 +129,8 @@ class Expressions(Memory):
             return v
         if e.op == "!":
             return Bool(not_(self.cond(v, e.line)))
+        if e.op == "~" and isinstance(v, Aff):
+            return v.scale(-1) - 1  # two's complement
         raise Unsupported(f"unary {e.op} of {type(v).__name__}", e.line)
 
     def binary(self, op: str, a: Any, b: Any, line: int) -> Any:
@@ -153,6 +155,11 @@ class Expressions(Memory):
                 return Real(mul(x, y))
             if op == "/":
                 return Real(mul(x, app("recip", y)))
+        if op in ("==", "!=") and (a is NULL or b is NULL):
+            same = a is b  # a global pointer is never null
+            if not (same or isinstance(a, Ptr) or isinstance(b, Ptr)):
+                raise Unsupported(f"{type(a).__name__} {op} nullptr", line)
+            return Bool(TRUE if same == (op == "==") else FALSE)
         if op in ("==", "!=") and (a is NEG_INF or b is NEG_INF):
             raise Unsupported("a comparison with -INFINITY", line)
         raise Unsupported(f"{type(a).__name__} {op} {type(b).__name__}", line)
@@ -182,11 +189,23 @@ class Expressions(Memory):
         if op in ("==", "!="):
             c = compare("=", a, b, self.ranges)
             return Bool(c if op == "==" else not_(c))
+        if op == "&" and b.is_const() and b.const > 0 and not a.is_const():
+            return self.mask(a, b.const, line)
         if a.is_const() and b.is_const():
             bits = {"<<": lambda x, y: x << y, ">>": lambda x, y: x >> y, "&": lambda x, y: x & y}
             if op in bits:
                 return Aff(bits[op](a.const, b.const))
         raise Unsupported(f"integer {op} of symbolic values", line)
+
+    def mask(self, a: Aff, k: int, line: int) -> Aff:
+        """a & k for a power of two k (the bit it is: k * ((a div k) mod 2)) or k = 2^p - 1 (a
+        mod 2^p); floor division is the two's complement shift, so a may be negative."""
+        if k & (k - 1) == 0:
+            q, _ = a.divmod(k, self.ranges)
+            return q.divmod(2, self.ranges)[1].scale(k)
+        if (k + 1) & k == 0:
+            return a.divmod(k + 1, self.ranges)[1]
+        raise Unsupported(f"a symbolic integer & {k:#x}", line)
 
     def cond(self, v: Any, line: int) -> Term:
         if isinstance(v, Bool):

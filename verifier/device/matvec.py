@@ -25,8 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from verifier.device import fma
 from verifier.device import nodes as n
+from verifier.device.ring import Ring
 from verifier.device.values import FALSE, NULL, Bool, Closure, Ptr, Real, Unsupported
+from verifier.obligation import Obligation
 from verifier.terms import Aff, Term, mul, summed
 
 PART = "smem_part"  # the summarized outputs, as the executor's shared array
@@ -45,18 +48,21 @@ class Matvec:
     function: str = ""
     fresh: int = 0
     xs: int = 0  # XS_FLOATS: where part begins in the work area
+    obligations: list[Obligation] = field(default_factory=list)  # that prove the summary
 
 
-def install(ex: Any, producer: Callable[[], Any], B: int) -> list[Matvec]:
-    """Summarize `matvec` calls in executor ex; `producer()` returns an executor that has run
-    the kind's producer function up to its `load_matvec` call (see `capture`). Returns the
-    list the summaries of this run go to."""
+def install(
+    ex: Any, producer: Callable[[Ring], Any], B: int, bind: Any, where: str
+) -> list[Matvec]:
+    """Summarize `matvec` calls in executor ex; `producer(ring)` returns an executor that has run
+    the kind's producer function, its slots noted in `ring` (`verifier.device.ring.producer`).
+    Each summary carries the obligations that prove it from the code (`verifier.device.fma`).
+    Returns the list the summaries of this run go to."""
     done: list[Matvec] = []
 
     def summary(ex: Any, e: n.Call) -> None:
-        mma = ex.k.constant("MMA")
-        if not (mma is None or mma == Aff(0) or (isinstance(mma, Bool) and mma.cond == FALSE)):
-            raise Unsupported("matvec_mma (MMA) is not summarized: fma only", e.line)
+        if mma(ex.k):
+            raise Unsupported("matvec_mma (MMA) is not proved: fma only", e.line)
         targs = [ex.expr(x) for x in e.template_args if not isinstance(x, n.Type)]
         if len(targs) != 1 or len(e.args) != 6:
             raise Unsupported("matvec<K>(nrows, src, ld, norm_w, sm, ring) expected", e.line)
@@ -68,18 +74,21 @@ def install(ex: Any, producer: Callable[[], Any], B: int) -> list[Matvec]:
             raise Unsupported("matvec of a source that is not a float array", e.line)
         m = Matvec(K, nrows, src, ex.int_value(ld, e.line), None, e.line, ex.function)
         m.xs = ex.int_value(ex.k.constant("XS_FLOATS"), e.line)
-        prod = producer()
-        got = prod.captured
-        if len(got) != 1:
-            raise Unsupported(f"the producer calls load_matvec {len(got)} times, not once", e.line)
-        pk, prows, row = got[0]
-        if pk != K or prows != nrows:
+        ring = Ring()
+        prod = producer(ring)
+        if ring.row is None:
+            raise Unsupported("the producer never calls load_matvec", e.line)
+        if ring.K != K or ring.nrows != nrows:
             raise Unsupported(
-                f"the producer streams load_matvec<{pk}> of {_text(prows)} rows, "
+                f"the producer streams load_matvec<{ring.K}> of {_text(ring.nrows)} rows, "
                 f"the consumer reads matvec<{K}> of {_text(nrows)}",
                 e.line,
             )
+        row = ring.row
         m.row = lambda v: _row(prod, row, v, e.line)
+        m.obligations = fma.prove(
+            ex.k, bind, ex.ranges, (K, nrows, src, m.ld, norm), ring, B, where
+        )
         done.append(m)
         ex.shared[PART] = lambda off, line: Real(_output(ex, m, off, B, line))
 
@@ -91,20 +100,10 @@ def install(ex: Any, producer: Callable[[], Any], B: int) -> list[Matvec]:
     return done
 
 
-def capture(ex: Any) -> None:
-    """Make executor ex record `load_matvec<K>(row, nrows, sm, ring)` as (K, nrows, row)."""
-    ex.captured = []
-
-    def load(ex: Any, e: n.Call) -> None:
-        targs = [ex.expr(x) for x in e.template_args if not isinstance(x, n.Type)]
-        if len(targs) < 1 or len(e.args) != 4:
-            raise Unsupported("load_matvec<K>(row, nrows, sm, ring) expected", e.line)
-        row, nrows = ex.expr(e.args[0]), ex.expr(e.args[1])
-        if not isinstance(row, Closure):
-            raise Unsupported("load_matvec of a row map that is not a lambda", e.line)
-        ex.captured.append((ex.int_value(targs[0], e.line), nrows, row))
-
-    ex.summaries["load_matvec"] = load
+def mma(k: Any) -> bool:
+    """Whether kernel.cu's matvec runs on tensor cores (the MMA constexpr)."""
+    v = k.constant("MMA")
+    return not (v is None or v == Aff(0) or (isinstance(v, Bool) and v.cond == FALSE))
 
 
 def _row(prod: Any, row: Closure, v: Aff, line: int) -> Ptr:

@@ -44,6 +44,9 @@ class Memory:
         self.summaries: dict[str, Callable[[Any, Any], Any]] = {}
         # shared arrays whose content a summary defines: name -> (offset, line) -> value
         self.shared: dict[str, Callable[[Aff, int], Any]] = {}
+        # (offset, guard, store, line) of loads that may alias an earlier store, where the
+        # caller proves them apart (`verifier.device.fma`); None: such a load is refused
+        self.apart: list[tuple[Aff, Term, Store, int]] | None = None
 
     @property
     def function(self) -> str:
@@ -85,8 +88,11 @@ class Memory:
             d = offset - s.offset
             if d == Aff(0):
                 return s.value
-            if not d.is_const():
-                raise Unsupported(f"a load of {p.array} that may alias an earlier store", line)
+            lo, hi = d.bounds(self.ranges)
+            if not d.is_const() and lo <= 0 <= hi:
+                if self.apart is None:
+                    raise Unsupported(f"a load of {p.array} that may alias an earlier store", line)
+                self.apart.append((offset, self.guard, s, line))  # an obligation proves it apart
         self.loads.append(Load(p.array, offset, self.guard, line, self.loop))
         if p.array in self.shared:
             return self.shared[p.array](offset, line)

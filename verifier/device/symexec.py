@@ -60,6 +60,7 @@ from verifier.device.execute import Executor, Load, Store, Strided
 from verifier.device.facts import int_decls, int_ranges
 from verifier.device.kernel import Kernel
 from verifier.device.nodes import Function, ParseError, Unit
+from verifier.device.ring import Ring, producer
 from verifier.device.values import FALSE, TRUE, Params, Ptr, Real, Struct, Unsupported, rename
 from verifier.fused_terms import Fused, index_vars
 from verifier.graph_terms import unflatten
@@ -76,6 +77,7 @@ LOOP_KINDS: dict[Kind, str] = {
     Kind.DOWN_PARTIAL: "range",  # matvec kinds: `verifier.device.matvec`
     Kind.OPROJ_RESIDUAL: "range",
 }
+MATVEC_KINDS = {Kind.DOWN_PARTIAL, Kind.OPROJ_RESIDUAL}  # through `matvec<K>`: fma only
 SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
 
 
@@ -91,8 +93,8 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
     for kind, how in LOOP_KINDS.items():
         instr = next((i for i in fused.instrs if i.kind is kind), None)
         op = ops.get(f"OP_{kind.name}")
-        if instr is None or op is None:
-            continue
+        if instr is None or op is None or (kind in MATVEC_KINDS and matvec.mma(k)):
+            continue  # not in this kernel, or its consumer not modelled (mma): not attempted
         name = dispatch.get(op)
         if name is None:
             out.append(_finding("amk_megakernel", 0, f"the switch runs nothing for OP_{kind.name}"))
@@ -135,7 +137,9 @@ def _task(
     bind = Binding(k, fused, g, max(instr.layer, 0), ranges)
     ex = Executor(k, bind.pointer, bind.element, ranges)
     where = f"{name}, {shape}"
-    summaries = matvec.install(ex, lambda: _producer(k, bind, ranges, name, params), g.B)
+    summaries = matvec.install(
+        ex, lambda ring: _producer(k, bind, ranges, name, params, ring), g.B, bind, where
+    )
     try:
         f = k.function(name, 6)
         ex.run(name, _args(k, f, params))
@@ -155,6 +159,7 @@ def _task(
     symbols = {f: x for f, x in symbols.items() if x == f"t{f}"}
     out += coverage(ex.stores, ex.strided, instr, tasks, symbols, bind, g, where, ranges)
     for m in summaries:
+        out += m.obligations
         out += [_read_bounds(ld, m, where, ranges, g) for ld in ex.loads if ld.array == matvec.PART]
     for trap in ex.traps:
         if trap.guard != FALSE:
@@ -190,11 +195,16 @@ def _args(k: Kernel, f: Function, params: dict[str, Aff]) -> list[Any]:
 
 
 def _producer(
-    k: Kernel, bind: Binding, ranges: dict[str, tuple[int, int]], name: str, params: dict[str, Aff]
+    k: Kernel,
+    bind: Binding,
+    ranges: dict[str, tuple[int, int]],
+    name: str,
+    params: dict[str, Aff],
+    ring: Ring,
 ) -> Executor:
-    """The kind's producer function load_<name>, run up to its load_matvec call."""
-    ex = Executor(k, bind.pointer, bind.element, ranges)
-    matvec.capture(ex)
+    """The kind's producer function load_<name>, run: its slots go to `ring`."""
+    ex = Executor(k, bind.pointer, bind.element, dict(ranges))
+    producer(ex, ring)
     f = k.function(f"load_{name}", 4)
     ex.run(f.name, _args(k, f, params))
     return ex
