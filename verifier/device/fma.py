@@ -180,7 +180,7 @@ def _outputs(
     out.append(
         _ob(
             f"{check}: each product of part[v][b] is xin(b, c) * W(v, c)",
-            f"{where}, the stores of part",
+            f"{where}, the stores of part at kernel.cu lines {sorted({s.line for s in finals})}",
             int_decls(things, r),
             f"(assert (or false {' '.join(eqs)}))\n",
             "a product of part pairs the wrong input, weight row or column",
