@@ -33,7 +33,7 @@ from verifier.device.values import (
     real,
     word_op,
 )
-from verifier.terms import Aff, Term, add, app, compare, mul, neg
+from verifier.terms import Aff, Term, add, app, compare, const, mul, neg
 
 INT_TYPES = {
     "int",
@@ -45,6 +45,16 @@ INT_TYPES = {
     "short",
 }
 UNARY_FNS = {"expf": "exp", "__expf": "exp", "rsqrtf": "rsqrt", "sqrtf": "sqrt"}
+
+
+def quotient(x: Term, y: Term) -> Term:
+    """x / y over the reals: by a constant, the product by its inverse; x / (1 + exp(-x)) is
+    x * sigmoid(x) (SiLU, as the model's terms write it); else x * recip(y)."""
+    if y[0] == "c" and y[1] != 0:
+        return mul(x, const(1 / y[1]))
+    if y == add(const(1), app("exp", neg(x))):
+        return mul(x, app("sigmoid", x))
+    return mul(x, app("recip", y))
 
 
 class Expressions(Memory):
@@ -154,7 +164,7 @@ class Expressions(Memory):
             if op == "*":
                 return Real(mul(x, y))
             if op == "/":
-                return Real(mul(x, app("recip", y)))
+                return Real(quotient(x, y))
         if op in ("==", "!=") and (a is NULL or b is NULL):
             same = a is b  # a global pointer is never null
             if not (same or isinstance(a, Ptr) or isinstance(b, Ptr)):
@@ -249,6 +259,8 @@ class Expressions(Memory):
     def member_or_index(self, e: n.Member | n.Index) -> Any:
         if isinstance(e, n.Member):
             if isinstance(e.obj, n.Name) and e.obj.id == "threadIdx":
+                if self.thread is not None and not self.loop and e.name == "x":
+                    return self.thread
                 if self.loop:
                     raise Unsupported("threadIdx inside a strided loop", e.line)
                 raise Unsupported("a task body that depends on threadIdx outside a loop", e.line)

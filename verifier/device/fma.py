@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from verifier.device import lanes
+from verifier.device import lanes, rms
 from verifier.device import nodes as n
 from verifier.device.effects import Store
 from verifier.device.execute import Executor
@@ -40,10 +40,9 @@ from verifier.device.lvalues import Var
 from verifier.device.ring import Ring, W, consumer
 from verifier.device.staging import XIN, Staging
 from verifier.device.values import FALSE, TRUE, Ptr, Real, Struct, Unsupported
+from verifier.device.workarea import WORK, WorkArea
 from verifier.obligation import Obligation
 from verifier.terms import ZERO, Aff, Term, smt_aff, smt_cond
-
-WORK = "smem_work"  # the consumers' work area, sm.f
 
 
 def prove(
@@ -54,9 +53,10 @@ def prove(
     ring: Ring,
     B: int,
     where: str,
-) -> list[Obligation]:
-    """The obligations that `matvec<K>(nrows, src, ld, norm, ...)` (`call`) computes its summary;
-    `ring` holds the slots the producer's run filled."""
+) -> tuple[list[Obligation], rms.Form | None]:
+    """The obligations that `matvec<K>(nrows, src, ld, norm, ...)` (`call`) computes its summary,
+    and for a normed input the form of rstd (`verifier.device.rms`); `ring` holds the slots the
+    producer's run filled."""
     K, nrows, src, ld, norm = call
     nwarps = _int(k, "NWARPS")
     xs_floats = _int(k, "XS_FLOATS")
@@ -67,14 +67,13 @@ def prove(
     consumer(ex, ring)
     _warp_builtins(ex)
 
-    def work(off: Aff, line: int) -> Any:
-        lo, _ = off.bounds(ex.ranges)
-        if lo >= xs_floats:
-            raise Unsupported("a read of the work area outside the staged inputs", line)
-        return staging.read(ex, off, line)  # an obligation proves it inside what stage wrote
-
-    ex.shared[WORK] = work
+    part_floats = _int(k, "PART_FLOATS")
+    tail = xs_floats + part_floats
+    area = WorkArea(ex, staging, xs_floats, tail, tail + nwarps, B)
+    ex.shared[WORK] = area.read
+    ex.own = {WORK}
     ex.apart = []
+    ex.thread = Aff.of(lanes.WARP).scale(32) + lanes.lane()
     sm = Struct("Smem", (("f", Ptr(WORK, "float", Aff(0), "float")),))
     f = k.function("matvec", 6)
     args = [nrows, src, Aff(ld), norm, sm, Struct("Ring", ())]
@@ -88,12 +87,16 @@ def prove(
             out.append(_fails(check, where, st.line, "the staged rows overflow XS_FLOATS"))
     finals: dict[Aff, Store] = {}
     for s in ex.stores:
-        if s.array == WORK and not s.loop:
+        if s.array == WORK and not s.loop and s.offset.bounds(r)[1] < tail:  # part, not the tail
             finals[s.offset] = s
     if not isinstance(nrows, Aff) or not nrows.is_const():
         raise Unsupported("a matvec of a row count that is not constant per tile")
     out += _outputs(list(finals.values()), K, nrows.const, B, nwarps, xs_floats, r, check, where)
-    return out
+    form = None
+    if isinstance(norm, Ptr):
+        form, problems = rms.check(area.table(), tail + nwarps, src, ld, K, B, bind.shapes, r)
+        out += [_fails(check, where, 0, f"rms_rstd: {p}") for p in problems]
+    return out, form
 
 
 def _warp_builtins(ex: Any) -> None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
-from verifier.device import fma
+from verifier.device import fma, rms
 from verifier.device import nodes as n
 from verifier.device.ring import Ring
 from verifier.device.values import FALSE, NULL, Bool, Closure, Ptr, Real, Unsupported
@@ -49,6 +50,8 @@ class Matvec:
     fresh: int = 0
     xs: int = 0  # XS_FLOATS: where part begins in the work area
     obligations: list[Obligation] = field(default_factory=list)  # that prove the summary
+    norm: Ptr | None = None  # RMSNorm weight: xin = src * rstd(b) * norm
+    rms: tuple[Fraction, Fraction] | None = None  # rstd(b) = rsqrt(f * sum src^2 + e): (f, e)
 
 
 def install(
@@ -68,8 +71,8 @@ def install(
             raise Unsupported("matvec<K>(nrows, src, ld, norm_w, sm, ring) expected", e.line)
         K = ex.int_value(targs[0], e.line)
         nrows, src, ld, norm = (ex.expr(a) for a in e.args[:4])
-        if norm is not NULL:
-            raise Unsupported("matvec of an RMS-normed input: rms_rstd is not summarized", e.line)
+        if norm is not NULL and not (isinstance(norm, Ptr) and norm.elem == "bf16"):
+            raise Unsupported("matvec of a norm weight that is not a bf16 array", e.line)
         if not isinstance(src, Ptr) or src.elem != "float" or not isinstance(nrows, Aff):
             raise Unsupported("matvec of a source that is not a float array", e.line)
         m = Matvec(K, nrows, src, ex.int_value(ld, e.line), None, e.line, ex.function)
@@ -86,9 +89,12 @@ def install(
             )
         row = ring.row
         m.row = lambda v: _row(prod, row, v, e.line)
-        m.obligations = fma.prove(
+        m.obligations, m.rms = fma.prove(
             ex.k, bind, ex.ranges, (K, nrows, src, m.ld, norm), ring, B, where
         )
+        m.norm = norm if isinstance(norm, Ptr) else None
+        if m.norm is not None and m.rms is None:
+            raise Unsupported("rms_rstd's outputs are not in the form proved", e.line)
         done.append(m)
         ex.shared[PART] = lambda off, line: Real(_output(ex, m, off, B, line))
 
@@ -121,7 +127,11 @@ def _output(ex: Any, m: Matvec, off: Aff, B: int, line: int) -> Term:
     k = f"mk{m.fresh}"
     ex.ranges[k] = (0, m.K)
     w = m.row(v)
-    x = ("v", m.src.array, ex.element(m.src.array, m.src.offset + b.scale(m.ld) + Aff.of(k)))
+    x: Term = ("v", m.src.array, ex.element(m.src.array, m.src.offset + b.scale(m.ld) + Aff.of(k)))
+    if m.norm is not None and m.rms is not None:
+        ex.ranges[f"{k}r"] = (0, m.K)
+        r = rms.term(m.rms, m.src, m.ld, m.K, b, ex.element, f"{k}r")
+        x = mul(x, r, ("v", m.norm.array, ex.element(m.norm.array, m.norm.offset + Aff.of(k))))
     wt = ("v", w.array, ex.element(w.array, w.offset + Aff.of(k)))
     return summed(k, m.K, mul(x, wt))
 

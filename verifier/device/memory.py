@@ -47,6 +47,8 @@ class Memory:
         # (offset, guard, store, line) of loads that may alias an earlier store, where the
         # caller proves them apart (`verifier.device.fma`); None: such a load is refused
         self.apart: list[tuple[Aff, Term, Store, int]] | None = None
+        self.thread: Aff | None = None  # threadIdx.x outside a strided loop, where modelled
+        self.own: set[str] = set()  # shared arrays whose resolver also finds the own stores
 
     @property
     def function(self) -> str:
@@ -82,6 +84,9 @@ class Memory:
         raise Unsupported(f"a {p.view} load from the {p.elem} array {p.array}", line)
 
     def load_elem(self, p: Ptr, offset: Aff, line: int) -> Any:
+        if p.array in self.own:
+            self.loads.append(Load(p.array, offset, self.guard, line, self.loop))
+            return self.shared[p.array](offset, line)
         for s in reversed(self.stores):  # this thread's own earlier store
             if s.array != p.array or s.loop != self.loop or s.guard == FALSE:
                 continue

@@ -27,6 +27,7 @@ from verifier.terms import Aff, Term, smt_aff, smt_cond
 Ranges = dict[str, tuple[int, int]]
 
 XIN = "@xin"  # xin(b, c): column c of input row b
+RSTD = "@rstd"  # rstd(b): the RMSNorm scale of row b (`verifier.device.rms`)
 
 
 def layout(b: Aff, k: Aff, ldx: int, r: Ranges) -> Aff:
@@ -54,6 +55,7 @@ class Staged:
     line: int
     stores: list[Store] = field(default_factory=list)
     loops: list[Strided] = field(default_factory=list)
+    norm: Ptr | None = None  # the RMSNorm weight: xin = src * rstd(b) * norm
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,15 @@ class Staging:
             if len(e.args) != 8:
                 raise Unsupported("stage(xs, ldx, src, ld, k0, n, rstd, norm_w) expected", e.line)
             xs, ldx, src, ld, k0, cols, _, norm = (ex.expr(a) for a in e.args)
-            if norm is not NULL:
-                raise Unsupported("stage of an RMS-normed input", e.line)
+            if norm is not NULL and not (isinstance(norm, Ptr) and norm.elem == "bf16"):
+                raise Unsupported("stage of a norm weight that is not a bf16 array", e.line)
             if not isinstance(xs, Ptr) or not isinstance(src, Ptr) or src.elem != "float":
                 raise Unsupported("stage of something other than float rows", e.line)
             iv = [ex.int_value(v, e.line) for v in (ldx, ld, k0, cols)]
             if iv[0] % 8:
                 raise Unsupported(f"a staged row of {iv[0]} floats, not whole 8-groups", e.line)
             st = Staged(src, iv[1], iv[2], iv[3], iv[0], xs.offset, e.line)
+            st.norm = norm if isinstance(norm, Ptr) else None
             n0, l0 = len(ex.stores), len(ex.strided)
             del ex.summaries["stage"]
             try:
@@ -148,13 +151,21 @@ class Staging:
             ]
         bad, things = [], []
         for s in st.stores:
-            v = s.value.term if isinstance(s.value, Real) else None
-            if s.guard != TRUE or v is None or v[0] != "v" or v[1] != st.src.array:
-                raise Unsupported("stage stores something other than its source's elements", s.line)
-            flat = _flat(v[2], shapes[st.src.array])
-            b, k = (flat - st.src.offset - st.k0).divmod(st.ld, ranges)
-            bad.append(f"(not {self._inside(b, k, s.offset - st.base, st, ranges)})")
-            things.append((s.offset, flat))
+            v = s.value.term if isinstance(s.value, Real) else ("c",)
+            x, others = _source(v, st, s.line)
+            if s.guard != TRUE:
+                raise Unsupported("stage stores under a condition", s.line)
+            at = flat(x[2], shapes[st.src.array])
+            b, k = (at - st.src.offset - st.k0).divmod(st.ld, ranges)
+            ok = [self._inside(b, k, s.offset - st.base, st, ranges)]
+            if st.norm is not None:  # the factors rstd(b) and norm[k0 + k]
+                r, w = others
+                wat = flat(w[2], shapes[st.norm.array]) - st.norm.offset - st.k0
+                ok += [f"(= {smt_aff(r[2][0], {})} {smt_aff(b, {})})"]
+                ok += [f"(= {smt_aff(wat, {})} {smt_aff(k, {})})"]
+                things.append((r[2][0], wat))
+            bad.append(f"(not (and {' '.join(ok)}))")
+            things.append((s.offset, at))
         out = [
             _ob(
                 f"{check}: stage puts xin[b][k0 + k] at its split-layout place L(b, k)",
@@ -185,7 +196,23 @@ class Staging:
         return out
 
 
-def _flat(idx: tuple[Aff, ...], shape: tuple[int, ...]) -> Aff:
+def _source(v: Term, st: Staged, line: int) -> tuple[Term, list[Term]]:
+    """(the source element, the other factors: rstd then norm) of a stored value."""
+    fs = list(v[1:]) if v[0] == "*" else [v]
+    xs = [f for f in fs if f[:2] == ("v", st.src.array)]
+    want = 1 if st.norm is None else 3
+    if len(xs) != 1 or len(fs) != want:
+        raise Unsupported("stage stores something other than its (normed) source's elements", line)
+    if st.norm is None:
+        return xs[0], []
+    r = [f for f in fs if f[:2] == ("v", RSTD)]
+    w = [f for f in fs if f[:2] == ("v", st.norm.array)]
+    if len(r) != 1 or len(w) != 1:
+        raise Unsupported("a normed input that is not x * rstd(b) * norm[k]", line)
+    return xs[0], [r[0], w[0]]
+
+
+def flat(idx: tuple[Aff, ...], shape: tuple[int, ...]) -> Aff:
     out, stride = Aff(0), 1
     for i, d in zip(reversed(idx), reversed(shape), strict=True):
         out, stride = out + i.scale(stride), stride * d

@@ -76,8 +76,13 @@ LOOP_KINDS: dict[Kind, str] = {
     Kind.ATTN_MERGE: "index",
     Kind.DOWN_PARTIAL: "range",  # matvec kinds: `verifier.device.matvec`
     Kind.OPROJ_RESIDUAL: "range",
+    Kind.GATE_UP_SILU: "range",
 }
-MATVEC_KINDS = {Kind.DOWN_PARTIAL, Kind.OPROJ_RESIDUAL}  # through `matvec<K>`: fma only
+MATVEC_KINDS = {
+    Kind.DOWN_PARTIAL,
+    Kind.OPROJ_RESIDUAL,
+    Kind.GATE_UP_SILU,
+}  # through `matvec<K>`: fma only
 SAFE_EXP = {Kind.ATTN_MERGE}  # kinds whose every exp is a rescale: its exponent must be <= 0
 
 
@@ -203,7 +208,7 @@ def _producer(
     ring: Ring,
 ) -> Executor:
     """The kind's producer function load_<name>, run: its slots go to `ring`."""
-    ex = Executor(k, bind.pointer, bind.element, dict(ranges))
+    ex = Executor(k, bind.pointer, bind.element, ranges)  # the task's: its row map runs later
     producer(ex, ring)
     f = k.function(f"load_{name}", 4)
     ex.run(f.name, _args(k, f, params))
