@@ -92,3 +92,65 @@ def test_planted_bugs_fail_naming_matvec_fma(
     assert all("matvec_fma<" in ob.check for ob, _ in failed), [ob.name for ob, _ in failed]
     assert any(caught in ob.check for ob, _ in failed), [ob.check for ob, _ in failed]
     assert any("kernel.cu line" in ob.subject for ob, _ in failed)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Case:
+    spec = catalog.resolve("tiny-llama")
+    fg = layout(spec)
+    template = ShapeTemplate.parse("b2-s64")
+    sched = build_schedule(fg, template, Options())
+    return render_kernel(fg, sched), fg, Geometry.of(spec, template, sched.bound())
+
+
+def test_the_normed_kind_is_proved(tiny: Case) -> None:
+    results = judged(tiny[0], tiny)
+    checks = {ob.check for ob, _ in results}
+    assert "gate_up_silu computes GATE_UP_SILU act" in checks
+    assert any(c.startswith("gate_up_silu: matvec_fma<") for c in checks)
+    bad = [(ob.name, r.reason) for ob, r in results if not r.proved]
+    assert not bad, bad
+
+
+NORMED = [
+    # (device function, old, new, what the bug is, the obligation that catches it)
+    ("rms_rstd", "s / K + EPS", "s / (K - 1) + EPS", "the RMSNorm divisor", "computes GATE"),
+    ("rms_rstd", "s = fmaf(v.w, v.w, s);", "", "a square dropped", "rms_rstd"),
+    ("stage", "v.x * r * bf16_lo(w.x)", "v.x * bf16_lo(w.x)", "rstd dropped", "subset"),
+    (
+        "gate_up_silu",
+        "gate / (1.f + expf(-gate))",
+        "1.f / (1.f + expf(-gate))",
+        "SiLU turned into sigmoid",
+        "computes GATE",
+    ),
+    (
+        "gate_up_silu",
+        "w.post_attention_layernorm",
+        "p.layers[t.layer + 1].post_attention_layernorm",
+        "the norm weight of the next layer",
+        "computes GATE",
+    ),
+    (
+        "gate_up_silu",
+        "w.post_attention_layernorm",
+        "w.input_layernorm",
+        "the attention's norm weight",
+        "computes GATE",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fn", "old", "new", "bug", "caught"), NORMED, ids=[m[3] for m in NORMED])
+def test_planted_norm_bugs_fail(
+    tiny: Case, fn: str, old: str, new: str, bug: str, caught: str
+) -> None:
+    failed = [(ob, r) for ob, r in judged(edit(tiny[0], fn, old, new), tiny) if not r.proved]
+    assert failed, bug
+    assert all(ob.check.startswith("gate_up_silu") for ob, _ in failed), [
+        ob.name for ob, _ in failed
+    ]
+    assert any(caught in ob.check or caught in r.reason for ob, r in failed), [
+        (ob.check, r.reason) for ob, r in failed
+    ]
+    assert any("kernel.cu line" in ob.subject for ob, _ in failed)

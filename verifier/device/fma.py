@@ -95,7 +95,8 @@ def prove(
     form = None
     if isinstance(norm, Ptr):
         form, problems = rms.check(area.table(), tail + nwarps, src, ld, K, B, bind.shapes, r)
-        out += [_fails(check, where, 0, f"rms_rstd: {p}") for p in problems]
+        at = [s.line for s in ex.stores if s.array == WORK and s.offset.bounds(r)[0] >= tail]
+        out += [_fails(check, where, max(at, default=0), f"rms_rstd: {p}") for p in problems]
     return out, form
 
 

@@ -182,13 +182,13 @@ class Staging:
             for s in st.stores
             for t in st.stores
         ]
-        r = {**ranges, j: ranges[i]}
+        both: Ranges = {**ranges, j: ranges[i]}
         things2 = [(s.offset, rename(s.offset, {i: j})) for s in st.stores]
         out.append(
             _ob(
                 f"{check}: the iterations of stage's loop store disjoint places",
                 subject,
-                int_decls(things2, r),
+                int_decls(things2, both),
                 f"(assert (and (not (= {i} {j})) (or false {' '.join(pairs)})))\n",
                 f"two iterations of stage (kernel.cu line {st.line}) store one place",
             )

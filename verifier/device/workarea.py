@@ -37,7 +37,7 @@ class WorkArea:
         ex = self.ex
         for s in reversed(ex.stores):
             if s.array == WORK and s.guard != FALSE and s.loop == ex.loop and s.offset == off:
-                return s.value  # type: ignore[no-any-return]
+                return s.value
         lo, hi = off.bounds(ex.ranges)
         if lo >= self.rstd and hi < self.rstd + self.B:
             return Real(("v", RSTD, (off - self.rstd,)))
