@@ -44,6 +44,9 @@ INT_TYPES = {
     "unsigned short",
     "short",
 }
+# constant tables of kernel.cu as the model's tables (their values checked against fused.json:
+# `verifier.fused_terms`'s INV_FREQ check)
+TABLES = {"INV_FREQ": "inv_freq"}
 UNARY_FNS = {"expf": "exp", "__expf": "exp", "rsqrtf": "rsqrt", "sqrtf": "sqrt"}
 
 
@@ -86,7 +89,15 @@ class Expressions(Memory):
             c = self.cond(self.expr(e.test), e.line)
             if c in (TRUE, FALSE):
                 return self.expr(e.then if c == TRUE else e.other)
-            return merge(c, self.expr(e.then), self.expr(e.other), e.line)
+            g0 = self.guard
+            try:  # each side's loads carry its condition
+                self.guard = and_(g0, c)
+                a = self.expr(e.then)
+                self.guard = and_(g0, not_(c))
+                b = self.expr(e.other)
+            finally:
+                self.guard = g0
+            return merge(c, a, b, e.line)
         if isinstance(e, n.Comma):
             out = None
             for x in e.items:
@@ -272,6 +283,15 @@ class Expressions(Memory):
             if isinstance(obj, Struct):
                 return obj.get(e.name, e.line)
             raise Unsupported(f"member {e.name} of a {type(obj).__name__}", e.line)
+        if (
+            isinstance(e.obj, n.Name)
+            and e.obj.id in TABLES
+            and self.lookup(e.obj.id, e.line) is None
+        ):
+            idx = self.expr(e.index)
+            if not isinstance(idx, Aff):
+                raise Unsupported(f"{e.obj.id} indexed by a non-integer", e.line)
+            return Real(("v", TABLES[e.obj.id], (idx,)))
         obj = self.expr(e.obj)
         if isinstance(obj, Layers):
             idx = self.expr(e.index)
@@ -343,7 +363,16 @@ class Expressions(Memory):
             self.traps.append(Trap(self.guard, e.line, self.function))
             self.guard = FALSE
             return None
+        if name == "sincosf" and len(e.args) == 3:  # sincosf(x, &sn, &cs)
+            x = real(self.expr(e.args[0]))
+            for out, fn in zip(e.args[1:], ("sin", "cos"), strict=True):
+                if not (isinstance(out, n.Unary) and out.op == "&"):
+                    raise Unsupported("sincosf into something other than &local", e.line)
+                self.lvalue(out.operand).set(Real(app(fn, x)))
+            return None
         args = [self.expr(a) for a in e.args]
+        if name == "__float2bfloat16_rn" and len(args) == 1:
+            return Real(real(args[0]))  # over the reals, as the model's terms (rounding trusted)
         if name in ("__ldcg", "__ldg") and len(args) == 1 and isinstance(args[0], Ptr):
             return self.load(args[0], e.line)
         if name in UNARY_FNS and len(args) == 1:

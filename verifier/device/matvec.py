@@ -29,9 +29,19 @@ from typing import Any
 from verifier.device import fma, rms
 from verifier.device import nodes as n
 from verifier.device.ring import Ring
-from verifier.device.values import FALSE, NULL, Bool, Closure, Ptr, Real, Unsupported
+from verifier.device.values import (
+    FALSE,
+    NULL,
+    TRUE,
+    Bool,
+    Choice,
+    Closure,
+    Ptr,
+    Real,
+    Unsupported,
+)
 from verifier.obligation import Obligation
-from verifier.terms import Aff, Term, mul, summed
+from verifier.terms import Aff, Term, ite, mul, summed
 
 PART = "smem_part"  # the summarized outputs, as the executor's shared array
 
@@ -44,7 +54,7 @@ class Matvec:
     nrows: Aff = field(default_factory=lambda: Aff(0))
     src: Ptr | None = None
     ld: int = 0
-    row: Callable[[Aff], Ptr] | None = None
+    row: Callable[[Aff], list[tuple[Term, Ptr]]] | None = None
     line: int = 0
     function: str = ""
     fresh: int = 0
@@ -112,11 +122,14 @@ def mma(k: Any) -> bool:
     return not (v is None or v == Aff(0) or (isinstance(v, Bool) and v.cond == FALSE))
 
 
-def _row(prod: Any, row: Closure, v: Aff, line: int) -> Ptr:
+def _row(prod: Any, row: Closure, v: Aff, line: int) -> list[tuple[Term, Ptr]]:
+    """The weight row of output v: (condition, row) options, the first that holds."""
     p = prod.call_closure(row, [v], line)
-    if not isinstance(p, Ptr) or p.elem != "bf16":
-        raise Unsupported("a row map that returns no bf16 weight row", line)
-    return p
+    options = list(p.options) if isinstance(p, Choice) else [(TRUE, p)]
+    for _, q in options:
+        if not isinstance(q, Ptr) or q.elem != "bf16":
+            raise Unsupported("a row map that returns no bf16 weight row", line)
+    return options
 
 
 def _output(ex: Any, m: Matvec, off: Aff, B: int, line: int) -> Term:
@@ -132,7 +145,9 @@ def _output(ex: Any, m: Matvec, off: Aff, B: int, line: int) -> Term:
         ex.ranges[f"{k}r"] = (0, m.K)
         r = rms.term(m.rms, m.src, m.ld, m.K, b, ex.element, f"{k}r")
         x = mul(x, r, ("v", m.norm.array, ex.element(m.norm.array, m.norm.offset + Aff.of(k))))
-    wt = ("v", w.array, ex.element(w.array, w.offset + Aff.of(k)))
+    wt = ("v", w[-1][1].array, ex.element(w[-1][1].array, w[-1][1].offset + Aff.of(k)))
+    for c, p in reversed(w[:-1]):
+        wt = ite(c, ("v", p.array, ex.element(p.array, p.offset + Aff.of(k))), wt)
     return summed(k, m.K, mul(x, wt))
 
 

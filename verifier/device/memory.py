@@ -40,6 +40,7 @@ class Memory:
         self.loop = ""  # the strided loop being executed
         self.functions: list[str] = []
         self.entry: list[Term] = []  # the path guard at each inlined call's entry
+        self.returns: list[list[tuple[Term, Any]]] = []  # each call's returns under a condition
         # calls summarized rather than inlined (`verifier.device.matvec`): name -> (executor, call)
         self.summaries: dict[str, Callable[[Any, Any], Any]] = {}
         # shared arrays whose content a summary defines: name -> (offset, line) -> value

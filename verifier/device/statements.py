@@ -38,9 +38,12 @@ class Statements(Expressions):
         elif isinstance(s, n.For):
             self.for_(s)
         elif isinstance(s, n.Return):
-            if self.guard != self.entry[-1]:
-                raise Unsupported("return under a condition the executor cannot decide", s.line)
-            raise _Return(self.expr(s.value) if s.value is not None else None)
+            value = self.expr(s.value) if s.value is not None else None
+            if self.guard == self.entry[-1]:
+                raise _Return(value)
+            if self.guard != FALSE:  # this path returns here; the others go on (`returned`)
+                self.returns[-1].append((self.guard, value))
+            self.guard = FALSE
         elif isinstance(s, n.Break):
             raise _Break()
         elif isinstance(s, n.Continue):

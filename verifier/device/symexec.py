@@ -46,25 +46,28 @@ of the same kind; rms_rstd is block_sum of a sum over a strided loop, then rsqrt
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from fractions import Fraction
+from functools import reduce
+from math import gcd
 from typing import Any
 
 from compiler.ir.fused import FusedGraph, Instr, Kind
 from verifier.algebra import agree, differ, equal_obligations, pinned, walk
 from verifier.device import matvec
 from verifier.device.binding import Binding
-from verifier.device.coverage import coverage
+from verifier.device.coverage import PARAMS, coverage
 from verifier.device.execute import Executor, Load, Store, Strided
 from verifier.device.facts import int_decls, int_ranges
 from verifier.device.kernel import Kernel
 from verifier.device.nodes import Function, ParseError, Unit
 from verifier.device.ring import Ring, producer
 from verifier.device.values import FALSE, TRUE, Params, Ptr, Real, Struct, Unsupported, rename
-from verifier.fused_terms import Fused, index_vars
+from verifier.fused_terms import Fused, index_vars, role
 from verifier.graph_terms import unflatten
-from verifier.model import Geometry
+from verifier.model import Geometry, ParamError, touches
 from verifier.obligation import Obligation
 from verifier.terms import Aff, Term, smt, smt_aff, smt_cond
 
@@ -104,7 +107,7 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
         if name is None:
             out.append(_finding("amk_megakernel", 0, f"the switch runs nothing for OP_{kind.name}"))
             continue
-        for tile in _tiles(how, [t for t in tasks if t["op"] == op]):
+        for tile in _tiles(how, [t for t in tasks if t["op"] == op], instr, g):
             out += _task(k, fused, g, instr, name, tile)
     return list({ob.key: ob for ob in out}.values())
 
@@ -112,21 +115,41 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
 Tile = tuple[str, dict[str, tuple[int, int]], dict[str, Aff], list[dict[str, int]]]
 
 
-def _tiles(how: str, tasks: list[dict[str, int]]) -> Iterable[Tile]:
+def _tiles(how: str, tasks: list[dict[str, int]], instr: Instr, g: Geometry) -> Iterable[Tile]:
     """(tile name, ranges of the param symbols, the Task fields a, b, c, the TASKS entries) per
-    tile shape."""
-    groups: dict[int, list[dict[str, int]]] = {}
+    tile shape: the tasks of one width that write the same buffers (a QKV tile of q heads apart
+    from one of k heads), a as stride * ta where every task's a is a multiple of the stride."""
+    groups: dict[tuple[int, tuple[str, ...]], list[dict[str, int]]] = {}
     for t in tasks:
-        groups.setdefault(t["b"] - t["a"] if how == "range" else 0, []).append(t)
-    for width, ts in sorted(groups.items()):
-        ranges = {"ta": (min(t["a"] for t in ts), max(t["a"] for t in ts) + 1)}
-        params = {"a": Aff.of("ta")}
-        params["b"] = Aff.of("ta") + width if how == "range" else Aff.of("tb")
+        width = t["b"] - t["a"] if how == "range" else 0
+        groups.setdefault((width, _writes(instr, t, g)), []).append(t)
+    widths = Counter(w for w, _ in groups)
+    for (width, writes), ts in sorted(groups.items()):
+        stride = reduce(gcd, (t["a"] for t in ts), 0) if how == "range" else 1
+        stride = stride if stride > 1 and all(t["a"] >= 0 for t in ts) else 1
+        lo, hi = min(t["a"] for t in ts), max(t["a"] for t in ts)
+        ranges = {"ta": (lo // stride, hi // stride + 1)}
+        params = {"a": Aff.of("ta").scale(stride)}
+        params["b"] = params["a"] + width if how == "range" else Aff.of("tb")
         if how != "range":
             ranges["tb"] = (min(t["b"] for t in ts), max(t["b"] for t in ts) + 1)
         ranges["tc"] = (min(t["c"] for t in ts), max(t["c"] for t in ts) + 1)
         params["c"] = Aff.of("tc")
-        yield (f"width {width}" if how == "range" else "every tile"), ranges, params, ts
+        name = f"width {width}" if how == "range" else "every tile"
+        if widths[width] > 1:
+            name += f" writing {', '.join(writes)}"
+        yield name, ranges, params, ts
+
+
+def _writes(instr: Instr, t: dict[str, int], g: Geometry) -> tuple[str, ...]:
+    """The buffers (by role) task t writes, as the model says."""
+    n = PARAMS.get(instr.kind, 2)
+    layer = t.get("layer", -1)
+    try:
+        regions = touches(instr.kind, layer, tuple(t[f] for f in ("a", "b", "c")[:n]), g).writes
+    except ParamError:
+        return ()
+    return tuple(sorted({role(r.buffer, layer) for r in regions}))
 
 
 def _task(
@@ -160,8 +183,8 @@ def _task(
             out += _rescales(s, where, ranges, g)
     for loop in ex.strided:
         out.append(_disjoint(loop, ex.stores, ex.loads, where, ranges, g))
-    symbols = {f: p.terms[0][0] for f, p in params.items() if p.terms and p.terms[0][1] == 1}
-    symbols = {f: x for f, x in symbols.items() if x == f"t{f}"}
+    symbols = {f: p.terms[0] for f, p in params.items() if len(p.terms) == 1 and not p.const}
+    symbols = {f: (x, c) for f, (x, c) in symbols.items() if x == f"t{f}"}
     out += coverage(ex.stores, ex.strided, instr, tasks, symbols, bind, g, where, ranges)
     for m in summaries:
         out += m.obligations

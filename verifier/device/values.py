@@ -123,6 +123,14 @@ class Closure:
     scopes: tuple[Any, ...]
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A pointer chosen by conditions (a row map's returns under conditions): the first option
+    whose condition holds; the conditions are path guards, exclusive of one another."""
+
+    options: tuple[tuple[Term, Any], ...]
+
+
 @dataclass
 class Cell:
     value: Any
