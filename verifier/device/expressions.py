@@ -30,10 +30,11 @@ from verifier.device.values import (
     merge,
     not_,
     or_,
+    quotient,
     real,
     word_op,
 )
-from verifier.terms import Aff, Term, add, app, compare, const, mul, neg
+from verifier.terms import Aff, Term, add, app, compare, mul, neg
 
 INT_TYPES = {
     "int",
@@ -48,16 +49,6 @@ INT_TYPES = {
 # `verifier.fused_terms`'s INV_FREQ check)
 TABLES = {"INV_FREQ": "inv_freq"}
 UNARY_FNS = {"expf": "exp", "__expf": "exp", "rsqrtf": "rsqrt", "sqrtf": "sqrt"}
-
-
-def quotient(x: Term, y: Term) -> Term:
-    """x / y over the reals: by a constant, the product by its inverse; x / (1 + exp(-x)) is
-    x * sigmoid(x) (SiLU, as the model's terms write it); else x * recip(y)."""
-    if y[0] == "c" and y[1] != 0:
-        return mul(x, const(1 / y[1]))
-    if y == add(const(1), app("exp", neg(x))):
-        return mul(x, app("sigmoid", x))
-    return mul(x, app("recip", y))
 
 
 class Expressions(Memory):

@@ -61,13 +61,13 @@ def symbols(x: Any) -> set[str]:
     return out
 
 
-def at(x: Any, env: Mapping[str, Aff], ranges: Ranges) -> Any:
+def at(x: Any, env: Mapping[Any, Aff], ranges: Ranges) -> Any:
     """x with the symbols of env replaced by their Affs, simplified again."""
     memo: dict[Any, Any] = {}
     return _at(x, env, ranges, memo)
 
 
-def _at(x: Any, env: Mapping[str, Aff], ranges: Ranges, memo: dict[Any, Any]) -> Any:
+def _at(x: Any, env: Mapping[Any, Aff], ranges: Ranges, memo: dict[Any, Any]) -> Any:
     if isinstance(x, Aff):  # Affs by value (small, and repeated across the term)
         if x not in memo:
             memo[x] = _aff(x, env, ranges, memo)
@@ -80,14 +80,16 @@ def _at(x: Any, env: Mapping[str, Aff], ranges: Ranges, memo: dict[Any, Any]) ->
     return out
 
 
-def _aff(a: Aff, env: Mapping[str, Aff], ranges: Ranges, memo: dict[Any, Any]) -> Aff:
-    if all(isinstance(atom, str) and atom not in env for atom, _ in a.terms):
+def _aff(a: Aff, env: Mapping[Any, Aff], ranges: Ranges, memo: dict[Any, Any]) -> Aff:
+    if all(atom not in env and isinstance(atom, str) for atom, _ in a.terms):
         return a
     const = a.const
     d: dict[Any, int] = {}
     for atom, c in a.terms:
-        if isinstance(atom, str):
-            x = env[atom] if atom in env else Aff.of(atom)
+        if atom in env:  # a symbol, or an atom given a value (e.g. a parity)
+            x = env[atom]
+        elif isinstance(atom, str):
+            x = Aff.of(atom)
         elif atom[0] in ("div", "mod"):
             q, r = _at(atom[1], env, ranges, memo).divmod(atom[2], ranges)
             x = q if atom[0] == "div" else r
@@ -99,7 +101,7 @@ def _aff(a: Aff, env: Mapping[str, Aff], ranges: Ranges, memo: dict[Any, Any]) -
     return Aff(const, tuple(sorted(((y, c) for y, c in d.items() if c), key=lambda t: repr(t[0]))))
 
 
-def _at1(x: Any, env: Mapping[str, Aff], ranges: Ranges, memo: dict[int, Any]) -> Any:
+def _at1(x: Any, env: Mapping[Any, Aff], ranges: Ranges, memo: dict[int, Any]) -> Any:
     if isinstance(x, Aff):
         return _aff(x, env, ranges, memo)
     if not isinstance(x, tuple) or not x or not isinstance(x[0], str):

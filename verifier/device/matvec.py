@@ -4,16 +4,15 @@ for the symbolic executor (`verifier.device.execute`): its outputs part[v][b] (t
 
     y[v][b] = sum_{k < K} xin[b][k] * row(v)[k],   xin[b][k] = src[b * ld + k]
 
-over the reals, for every v < nrows and batch row b. What is taken from the code: K, nrows, src
-and ld from the consumer's call; the weight row map `row(v)` from the kind's producer function
-`load_<name>`, executed symbolically up to its call `load_matvec<K>(row, nrows, sm, ring)` (whose
-K and nrows must be the consumer's), the lambda then run for the epilogue's own v. What is not
-(yet) proved from the code, and trusted: that the fma consumer `matvec_fma` computes this sum (the
-staged layout of `stage`, the ring's slot order shared by `produce` and `consume`, the lanes'
-column sets, group_sum's butterfly and the chunks' accumulation into part): see symexec's plan.
-Refused (an `Unsupported` naming the line): an RMS-normed input (rms_rstd is not summarized
-yet), the tensor-core consumer (MMA: its bf16 split is not exact over the reals), a row map
-that branches on v.
+over the reals, for every v < nrows and batch row b; for an RMS-normed input (norm_w given)
+xin[b][k] = src[b * ld + k] * rstd(b) * norm_w[k], rstd(b) = rsqrt(f * sum_k src[b][k]^2 + e)
+with the code's f and e (`verifier.device.rms`). What is taken from the code: K, nrows, src and
+ld from the consumer's call; the weight row map `row(v)` from the kind's producer function
+`load_<name>` (whose load_matvec K and nrows must be the consumer's), the lambda then run for
+the epilogue's own v (its returns under conditions as a choice of rows; a RoPE neighbour v +- 1
+split by the parity of v where the read's guard names it). The summary is proved from the code
+by `verifier.device.fma` (its obligations travel with it). Refused (an `Unsupported` naming the
+line): the tensor-core consumer (MMA: its bf16 split is not modelled).
 
 `reads` collects the epilogue's reads of the outputs: `symexec` proves each lies in
 [0, nrows) x [0, B).
@@ -26,7 +25,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from verifier.device import fma, rms
+from verifier.algebra import walk
+from verifier.device import fma, lanes, rms
 from verifier.device import nodes as n
 from verifier.device.ring import Ring
 from verifier.device.values import (
@@ -106,7 +106,7 @@ def install(
         if m.norm is not None and m.rms is None:
             raise Unsupported("rms_rstd's outputs are not in the form proved", e.line)
         done.append(m)
-        ex.shared[PART] = lambda off, line: Real(_output(ex, m, off, B, line))
+        ex.shared[PART] = lambda off, line: Real(_split(ex, m, off, B, line))
 
     def unset(off: Aff, line: int) -> Any:
         raise Unsupported("a read of the matvec outputs before matvec", line)
@@ -130,6 +130,29 @@ def _row(prod: Any, row: Closure, v: Aff, line: int) -> list[tuple[Term, Ptr]]:
         if not isinstance(q, Ptr) or q.elem != "bf16":
             raise Unsupported("a row map that returns no bf16 weight row", line)
     return options
+
+
+def _split(ex: Any, m: Matvec, off: Aff, B: int, line: int) -> Term:
+    """y at `off`; where the row map cannot be run at once (a RoPE neighbour v + 1 whose head
+    the bounds do not know), by the parity of the row, each parity the read's guard allows."""
+    v = (off - m.xs).divmod(B, ex.ranges)[0]
+    base = v - v.const
+    half, parity = base.divmod(2, ex.ranges)
+    atom = parity.terms[0][0] if len(parity.terms) == 1 and not parity.const else None
+    if not v.const or atom is None or atom not in set(walk(ex.guard)):
+        return _output(ex, m, off, B, line)
+    cases = []
+    for p in (0, 1):
+        if lanes.at(ex.guard, {atom: Aff(p)}, ex.ranges) == FALSE:
+            continue
+        shifted = off + (half.scale(2) + p - base).scale(B)
+        cases.append((("=", parity, Aff(p)), _output(ex, m, shifted, B, line)))
+    if not cases:
+        raise Unsupported("a read of the matvec outputs no path reaches", line)
+    out = cases[-1][1]
+    for c, t in reversed(cases[:-1]):
+        out = ite(c, t, out)
+    return out
 
 
 def _output(ex: Any, m: Matvec, off: Aff, B: int, line: int) -> Term:

@@ -26,48 +26,42 @@ SMT query over that symbolic element, every batch row and position:
 Terms are layer-free (arrays by role), so one proof covers every layer and the proof cache shares
 them. Anything the executor does not model fails as an obligation naming the device function and
 the kernel.cu line, never a skip. Loop kinds so far: DOWN_RESIDUAL, EMBED, ATTN_MERGE; matvec
-kinds DOWN_PARTIAL and OPROJ_RESIDUAL, whose `matvec<K>` call is summarized (`verifier.device.
-matvec`: y[v][b] = sum_k xin[b][k] row(v)[k], the row map run from the kind's producer function,
-the epilogue executed on it; the epilogue's reads of y are proved inside the outputs computed).
+kinds DOWN_PARTIAL, OPROJ_RESIDUAL and GATE_UP_SILU (RMS-normed input, SiLU as x * sigmoid(x)),
+whose `matvec<K>` call is summarized (`verifier.device.matvec`: y[v][b] = sum_k xin[b][k]
+row(v)[k], the row map run from the kind's producer function, the epilogue executed on it; the
+epilogue's reads of y are proved inside the outputs computed), the summary itself proved from
+amk.cuh's code for the fma consumer (`verifier.device.fma`: stage's split layout, the ring's slot
+sequence, the lanes' columns, group_sum's butterfly, the chunks; rms_rstd's rstd). A kind whose
+consumer is not modelled (MMA: matvec_mma) is not attempted. Tiles are grouped by width and by
+the buffers the model says they write (QKV's q tiles apart from its k and v tiles), a tile's a as
+stride * ta when every task's a is a multiple of the stride.
 
-What the summary still trusts, the plan to prove it from the code: `matvec<K>` is summarized per output row v and batch row b, not per
-thread. The K loop of each chunk (`for (k0 ..)` of matvec_fma, each warp's lanes over 8-column
-groups, then group_sum's xor butterfly and the warps' parts in order) is a sum over index ranges:
-the lanes' partial sums are sums over disjoint column sets (lane l takes k = 8l + 256 m), the
-butterfly a sum over the 32 lanes (proved by unrolling: 5 rounds), the chunks a sum over k0; their
-union [0, K) is checked by the same disjointness-and-count queries as here. The weight ring is an
-index map: the producer's `produce(row, v0, rows, col, width)` copies row(v0 + r)[col + c] to
-slot s, byte r * pitch + 2c, and the consumer's `consume` of the same slot sequence reads
-seg[k] = slot + warp * WC + k, so W[row(v)][k0 + j + k] is what `dot8` multiplies, provided the
-producer and consumer walk the same (k0, v0, j) sequence (both loops are executed, the slot
-sequence compared term by term). The staged inputs (`stage`, the split layout) are an index map
-of the same kind; rms_rstd is block_sum of a sum over a strided loop, then rsqrt.
+Not yet attempted: QKV_ROPE_APPEND (its body runs, RoPE's neighbour rows split by parity, but
+the q value obligations time out and k_cache's give a counterexample the replay does not
+confirm), LMHEAD_ARGMAX (the warps' argmax after the logits), ATTN_PARTIAL, ARGMAX_REDUCE.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import replace
 from fractions import Fraction
-from functools import reduce
-from math import gcd
 from typing import Any
 
 from compiler.ir.fused import FusedGraph, Instr, Kind
 from verifier.algebra import agree, differ, equal_obligations, pinned, walk
 from verifier.device import matvec
 from verifier.device.binding import Binding
-from verifier.device.coverage import PARAMS, coverage
+from verifier.device.coverage import coverage
 from verifier.device.execute import Executor, Load, Store, Strided
 from verifier.device.facts import int_decls, int_ranges
 from verifier.device.kernel import Kernel
 from verifier.device.nodes import Function, ParseError, Unit
 from verifier.device.ring import Ring, producer
+from verifier.device.tiles import Tile, tiles
 from verifier.device.values import FALSE, TRUE, Params, Ptr, Real, Struct, Unsupported, rename
-from verifier.fused_terms import Fused, index_vars, role
+from verifier.fused_terms import Fused, index_vars
 from verifier.graph_terms import unflatten
-from verifier.model import Geometry, ParamError, touches
+from verifier.model import Geometry
 from verifier.obligation import Obligation
 from verifier.terms import Aff, Term, smt, smt_aff, smt_cond
 
@@ -107,49 +101,9 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
         if name is None:
             out.append(_finding("amk_megakernel", 0, f"the switch runs nothing for OP_{kind.name}"))
             continue
-        for tile in _tiles(how, [t for t in tasks if t["op"] == op], instr, g):
+        for tile in tiles(how, [t for t in tasks if t["op"] == op], instr, g):
             out += _task(k, fused, g, instr, name, tile)
     return list({ob.key: ob for ob in out}.values())
-
-
-Tile = tuple[str, dict[str, tuple[int, int]], dict[str, Aff], list[dict[str, int]]]
-
-
-def _tiles(how: str, tasks: list[dict[str, int]], instr: Instr, g: Geometry) -> Iterable[Tile]:
-    """(tile name, ranges of the param symbols, the Task fields a, b, c, the TASKS entries) per
-    tile shape: the tasks of one width that write the same buffers (a QKV tile of q heads apart
-    from one of k heads), a as stride * ta where every task's a is a multiple of the stride."""
-    groups: dict[tuple[int, tuple[str, ...]], list[dict[str, int]]] = {}
-    for t in tasks:
-        width = t["b"] - t["a"] if how == "range" else 0
-        groups.setdefault((width, _writes(instr, t, g)), []).append(t)
-    widths = Counter(w for w, _ in groups)
-    for (width, writes), ts in sorted(groups.items()):
-        stride = reduce(gcd, (t["a"] for t in ts), 0) if how == "range" else 1
-        stride = stride if stride > 1 and all(t["a"] >= 0 for t in ts) else 1
-        lo, hi = min(t["a"] for t in ts), max(t["a"] for t in ts)
-        ranges = {"ta": (lo // stride, hi // stride + 1)}
-        params = {"a": Aff.of("ta").scale(stride)}
-        params["b"] = params["a"] + width if how == "range" else Aff.of("tb")
-        if how != "range":
-            ranges["tb"] = (min(t["b"] for t in ts), max(t["b"] for t in ts) + 1)
-        ranges["tc"] = (min(t["c"] for t in ts), max(t["c"] for t in ts) + 1)
-        params["c"] = Aff.of("tc")
-        name = f"width {width}" if how == "range" else "every tile"
-        if widths[width] > 1:
-            name += f" writing {', '.join(writes)}"
-        yield name, ranges, params, ts
-
-
-def _writes(instr: Instr, t: dict[str, int], g: Geometry) -> tuple[str, ...]:
-    """The buffers (by role) task t writes, as the model says."""
-    n = PARAMS.get(instr.kind, 2)
-    layer = t.get("layer", -1)
-    try:
-        regions = touches(instr.kind, layer, tuple(t[f] for f in ("a", "b", "c")[:n]), g).writes
-    except ParamError:
-        return ()
-    return tuple(sorted({role(r.buffer, layer) for r in regions}))
 
 
 def _task(
