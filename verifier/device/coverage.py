@@ -40,14 +40,15 @@ def coverage(
     strided: list[Strided],
     instr: Instr,
     tasks: list[dict[str, int]],
-    symbols: dict[str, str],
+    symbols: dict[str, tuple[str, int]],
     bind: Binding,
     g: Geometry,
     where: str,
     ranges: dict[str, tuple[int, int]],
 ) -> list[Obligation]:
     """The coverage obligations of one symbolic run (see the module docstring). `symbols` maps a
-    Task field ("a", "c") to the symbol standing for it in the run ("ta", "tc")."""
+    Task field ("a", "c") to the symbol standing for it in the run and its stride: a = 64 ta
+    is ("ta", 64)."""
     fn = where.split(",")[0]
     live = [s for s in stores if s.guard != FALSE]
     try:
@@ -55,9 +56,10 @@ def coverage(
         counts = _counts(live, strided, regions, fn, where)
     except (ParamError, Unsupported) as e:
         return [_fails(fn, where, str(e))]
-    symbolic = tuple(Aff.of(x) for x in (*symbols.values(), "pos"))
+    symbolic = tuple(Aff.of(x) for x in (*(x for x, _ in symbols.values()), "pos"))
     selects = [
-        " ".join(f"(= {symbols[f]} {t[f]})" for f in sorted(symbols) if f in t) for t in tasks
+        " ".join(f"(= {symbols[f][0]} {t[f] // symbols[f][1]})" for f in sorted(symbols) if f in t)
+        for t in tasks
     ]
     chosen = f"(assert (or {' '.join(f'(and true {s})' for s in dict.fromkeys(selects))}))\n"
     out: list[Obligation] = []

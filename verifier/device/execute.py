@@ -24,7 +24,7 @@ from verifier.device import nodes as n
 from verifier.device.effects import Load, Store, Strided, Trap, _Return
 from verifier.device.lvalues import LValue, Var
 from verifier.device.statements import Statements
-from verifier.device.values import Closure, Unsupported
+from verifier.device.values import FALSE, Choice, Closure, Ptr, Unsupported, merge
 
 __all__ = ["Executor", "Load", "Store", "Strided", "Trap"]
 
@@ -43,6 +43,8 @@ class Executor(Statements):
         for tp, v in zip(f.template, targs, strict=False):
             frame[tp.name] = Var(self.cell(v, tp.name, True))
         for tp in f.template[len(targs) :]:
+            if tp.kind == "class":
+                continue  # a type deduced from the arguments: their values carry it
             if tp.default is None or isinstance(tp.default, n.Type):
                 raise Unsupported(f"template {f.name} instantiated without {tp.name}", f.line)
             frame[tp.name] = Var(self.cell(self.expr(tp.default), tp.name, True))
@@ -54,6 +56,7 @@ class Executor(Statements):
         self.scopes = [frame]
         self.functions.append(f.name)
         self.entry.append(self.guard)
+        self.returns.append([])
         try:
             assert f.body is not None
             self.block(f.body)
@@ -63,8 +66,7 @@ class Executor(Statements):
         finally:
             self.scopes = saved
             self.functions.pop()
-            self.entry.pop()
-        return out
+        return self.returned(out, f.line)
 
     def call_closure(self, c: Closure, args: list[Any], line: int) -> Any:
         lam = c.node
@@ -76,6 +78,7 @@ class Executor(Statements):
             frame[p.name] = Var(self.cell(self.coerce(a, p.type.text, p.line), p.name))
         self.scopes = [*c.scopes, frame]
         self.entry.append(self.guard)
+        self.returns.append([])
         try:
             self.block(lam.body)
             out = None
@@ -83,5 +86,20 @@ class Executor(Statements):
             out = r.value
         finally:
             self.scopes = saved
-            self.entry.pop()
+        return self.returned(out, line)
+
+    def returned(self, last: Any, line: int) -> Any:
+        """The value of a call whose paths returned under conditions: the first return a path
+        reaches (pointers as a `Choice`, values merged); `last` where the others fell through."""
+        g0, early = self.entry.pop(), self.returns.pop()
+        fell = self.guard != FALSE
+        self.guard = g0
+        if not early:
+            return last
+        options = [*early, *([(g0, last)] if fell else [])]
+        if any(isinstance(v, (Ptr, Choice)) for _, v in options):
+            return Choice(tuple(options))
+        out = options[-1][1]
+        for c, v in reversed(options[:-1]):
+            out = merge(c, v, out, line)
         return out

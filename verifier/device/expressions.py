@@ -30,6 +30,7 @@ from verifier.device.values import (
     merge,
     not_,
     or_,
+    quotient,
     real,
     word_op,
 )
@@ -44,6 +45,9 @@ INT_TYPES = {
     "unsigned short",
     "short",
 }
+# constant tables of kernel.cu as the model's tables (their values checked against fused.json:
+# `verifier.fused_terms`'s INV_FREQ check)
+TABLES = {"INV_FREQ": "inv_freq"}
 UNARY_FNS = {"expf": "exp", "__expf": "exp", "rsqrtf": "rsqrt", "sqrtf": "sqrt"}
 
 
@@ -76,7 +80,15 @@ class Expressions(Memory):
             c = self.cond(self.expr(e.test), e.line)
             if c in (TRUE, FALSE):
                 return self.expr(e.then if c == TRUE else e.other)
-            return merge(c, self.expr(e.then), self.expr(e.other), e.line)
+            g0 = self.guard
+            try:  # each side's loads carry its condition
+                self.guard = and_(g0, c)
+                a = self.expr(e.then)
+                self.guard = and_(g0, not_(c))
+                b = self.expr(e.other)
+            finally:
+                self.guard = g0
+            return merge(c, a, b, e.line)
         if isinstance(e, n.Comma):
             out = None
             for x in e.items:
@@ -129,6 +141,8 @@ class Expressions(Memory):
             return v
         if e.op == "!":
             return Bool(not_(self.cond(v, e.line)))
+        if e.op == "~" and isinstance(v, Aff):
+            return v.scale(-1) - 1  # two's complement
         raise Unsupported(f"unary {e.op} of {type(v).__name__}", e.line)
 
     def binary(self, op: str, a: Any, b: Any, line: int) -> Any:
@@ -152,7 +166,12 @@ class Expressions(Memory):
             if op == "*":
                 return Real(mul(x, y))
             if op == "/":
-                return Real(mul(x, app("recip", y)))
+                return Real(quotient(x, y))
+        if op in ("==", "!=") and (a is NULL or b is NULL):
+            same = a is b  # a global pointer is never null
+            if not (same or isinstance(a, Ptr) or isinstance(b, Ptr)):
+                raise Unsupported(f"{type(a).__name__} {op} nullptr", line)
+            return Bool(TRUE if same == (op == "==") else FALSE)
         if op in ("==", "!=") and (a is NEG_INF or b is NEG_INF):
             raise Unsupported("a comparison with -INFINITY", line)
         raise Unsupported(f"{type(a).__name__} {op} {type(b).__name__}", line)
@@ -182,11 +201,23 @@ class Expressions(Memory):
         if op in ("==", "!="):
             c = compare("=", a, b, self.ranges)
             return Bool(c if op == "==" else not_(c))
+        if op == "&" and b.is_const() and b.const > 0 and not a.is_const():
+            return self.mask(a, b.const, line)
         if a.is_const() and b.is_const():
             bits = {"<<": lambda x, y: x << y, ">>": lambda x, y: x >> y, "&": lambda x, y: x & y}
             if op in bits:
                 return Aff(bits[op](a.const, b.const))
         raise Unsupported(f"integer {op} of symbolic values", line)
+
+    def mask(self, a: Aff, k: int, line: int) -> Aff:
+        """a & k for a power of two k (the bit it is: k * ((a div k) mod 2)) or k = 2^p - 1 (a
+        mod 2^p); floor division is the two's complement shift, so a may be negative."""
+        if k & (k - 1) == 0:
+            q, _ = a.divmod(k, self.ranges)
+            return q.divmod(2, self.ranges)[1].scale(k)
+        if (k + 1) & k == 0:
+            return a.divmod(k + 1, self.ranges)[1]
+        raise Unsupported(f"a symbolic integer & {k:#x}", line)
 
     def cond(self, v: Any, line: int) -> Term:
         if isinstance(v, Bool):
@@ -230,6 +261,8 @@ class Expressions(Memory):
     def member_or_index(self, e: n.Member | n.Index) -> Any:
         if isinstance(e, n.Member):
             if isinstance(e.obj, n.Name) and e.obj.id == "threadIdx":
+                if self.thread is not None and not self.loop and e.name == "x":
+                    return self.thread
                 if self.loop:
                     raise Unsupported("threadIdx inside a strided loop", e.line)
                 raise Unsupported("a task body that depends on threadIdx outside a loop", e.line)
@@ -241,6 +274,15 @@ class Expressions(Memory):
             if isinstance(obj, Struct):
                 return obj.get(e.name, e.line)
             raise Unsupported(f"member {e.name} of a {type(obj).__name__}", e.line)
+        if (
+            isinstance(e.obj, n.Name)
+            and e.obj.id in TABLES
+            and self.lookup(e.obj.id, e.line) is None
+        ):
+            idx = self.expr(e.index)
+            if not isinstance(idx, Aff):
+                raise Unsupported(f"{e.obj.id} indexed by a non-integer", e.line)
+            return Real(("v", TABLES[e.obj.id], (idx,)))
         obj = self.expr(e.obj)
         if isinstance(obj, Layers):
             idx = self.expr(e.index)
@@ -312,7 +354,16 @@ class Expressions(Memory):
             self.traps.append(Trap(self.guard, e.line, self.function))
             self.guard = FALSE
             return None
+        if name == "sincosf" and len(e.args) == 3:  # sincosf(x, &sn, &cs)
+            x = real(self.expr(e.args[0]))
+            for out, fn in zip(e.args[1:], ("sin", "cos"), strict=True):
+                if not (isinstance(out, n.Unary) and out.op == "&"):
+                    raise Unsupported("sincosf into something other than &local", e.line)
+                self.lvalue(out.operand).set(Real(app(fn, x)))
+            return None
         args = [self.expr(a) for a in e.args]
+        if name == "__float2bfloat16_rn" and len(args) == 1:
+            return Real(real(args[0]))  # over the reals, as the model's terms (rounding trusted)
         if name in ("__ldcg", "__ldg") and len(args) == 1 and isinstance(args[0], Ptr):
             return self.load(args[0], e.line)
         if name in UNARY_FNS and len(args) == 1:

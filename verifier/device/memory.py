@@ -40,10 +40,16 @@ class Memory:
         self.loop = ""  # the strided loop being executed
         self.functions: list[str] = []
         self.entry: list[Term] = []  # the path guard at each inlined call's entry
+        self.returns: list[list[tuple[Term, Any]]] = []  # each call's returns under a condition
         # calls summarized rather than inlined (`verifier.device.matvec`): name -> (executor, call)
         self.summaries: dict[str, Callable[[Any, Any], Any]] = {}
         # shared arrays whose content a summary defines: name -> (offset, line) -> value
         self.shared: dict[str, Callable[[Aff, int], Any]] = {}
+        # (offset, guard, store, line) of loads that may alias an earlier store, where the
+        # caller proves them apart (`verifier.device.fma`); None: such a load is refused
+        self.apart: list[tuple[Aff, Term, Store, int]] | None = None
+        self.thread: Aff | None = None  # threadIdx.x outside a strided loop, where modelled
+        self.own: set[str] = set()  # shared arrays whose resolver also finds the own stores
 
     @property
     def function(self) -> str:
@@ -79,14 +85,20 @@ class Memory:
         raise Unsupported(f"a {p.view} load from the {p.elem} array {p.array}", line)
 
     def load_elem(self, p: Ptr, offset: Aff, line: int) -> Any:
+        if p.array in self.own:
+            self.loads.append(Load(p.array, offset, self.guard, line, self.loop))
+            return self.shared[p.array](offset, line)
         for s in reversed(self.stores):  # this thread's own earlier store
             if s.array != p.array or s.loop != self.loop or s.guard == FALSE:
                 continue
             d = offset - s.offset
             if d == Aff(0):
                 return s.value
-            if not d.is_const():
-                raise Unsupported(f"a load of {p.array} that may alias an earlier store", line)
+            lo, hi = d.bounds(self.ranges)
+            if not d.is_const() and lo <= 0 <= hi:
+                if self.apart is None:
+                    raise Unsupported(f"a load of {p.array} that may alias an earlier store", line)
+                self.apart.append((offset, self.guard, s, line))  # an obligation proves it apart
         self.loads.append(Load(p.array, offset, self.guard, line, self.loop))
         if p.array in self.shared:
             return self.shared[p.array](offset, line)

@@ -38,9 +38,12 @@ class Statements(Expressions):
         elif isinstance(s, n.For):
             self.for_(s)
         elif isinstance(s, n.Return):
-            if self.guard != self.entry[-1]:
-                raise Unsupported("return under a condition the executor cannot decide", s.line)
-            raise _Return(self.expr(s.value) if s.value is not None else None)
+            value = self.expr(s.value) if s.value is not None else None
+            if self.guard == self.entry[-1]:
+                raise _Return(value)
+            if self.guard != FALSE:  # this path returns here; the others go on (`returned`)
+                self.returns[-1].append((self.guard, value))
+            self.guard = FALSE
         elif isinstance(s, n.Break):
             raise _Break()
         elif isinstance(s, n.Continue):
@@ -122,24 +125,42 @@ class Statements(Expressions):
                 self.decl(s.init)
             elif isinstance(s.init, n.ExprStmt):
                 self.expr(s.init.expr)
+            live: Term = TRUE  # the iterations so far all ran where `live` holds
             for _ in range(UNROLL):
                 if s.test is not None:
-                    c = self.cond(self.expr(s.test), s.line)
-                    if c not in (TRUE, FALSE):
-                        raise Unsupported("a loop bound the executor cannot decide", s.line)
-                    if c == FALSE:
+                    live = and_(live, self.cond(self.expr(s.test), s.line))
+                    if live == FALSE:
                         return
-                try:
-                    self.stmt(s.body)
-                except _Continue:
-                    pass
-                except _Break:
-                    return
+                if live != TRUE:
+                    self.guarded(s, live)
+                else:
+                    try:
+                        self.stmt(s.body)
+                    except _Continue:
+                        pass
+                    except _Break:
+                        return
                 if s.step is not None:
                     self.expr(s.step)
             raise Unsupported(f"a loop of more than {UNROLL} iterations", s.line)
         finally:
             self.scopes.pop()
+
+    def guarded(self, s: n.For, live: Term) -> None:
+        """An iteration that runs only where `live` (the tests so far) holds, e.g. a lane's
+        `k < width` (the loop's own variable, so its value past the loop is never read)."""
+        if not isinstance(s.init, n.Decl):
+            raise Unsupported("a loop bound the executor cannot decide", s.line)
+
+        def body() -> None:
+            try:
+                self.stmt(s.body)
+            except (_Break, _Continue):
+                raise Unsupported(
+                    "break or continue under an undecided loop bound", s.line
+                ) from None
+
+        self.fork(live, body, lambda: None, s.line)
 
     def strided_loop(self, s: n.For) -> bool:
         """`for (int i = threadIdx.x; i < N; i += THREADS)`, N constant: run once, i symbolic."""

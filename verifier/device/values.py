@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from verifier.terms import Aff, Term, const, ite
+from verifier.terms import Aff, Term, add, app, const, ite, mul, neg
 
 
 class Unsupported(ValueError):
@@ -123,6 +123,14 @@ class Closure:
     scopes: tuple[Any, ...]
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A pointer chosen by conditions (a row map's returns under conditions): the first option
+    whose condition holds; the conditions are path guards, exclusive of one another."""
+
+    options: tuple[tuple[Term, Any], ...]
+
+
 @dataclass
 class Cell:
     value: Any
@@ -192,6 +200,16 @@ def real(v: Any) -> Term:
     if isinstance(v, NegInf):
         raise Unsupported("-INFINITY in arithmetic")
     raise Unsupported(f"a {type(v).__name__} used as a float")
+
+
+def quotient(x: Term, y: Term) -> Term:
+    """x / y over the reals: by a constant, the product by its inverse; x / (1 + exp(-x)) is
+    x * sigmoid(x) (SiLU, as the model's terms write it); else x * recip(y)."""
+    if y[0] == "c" and y[1] != 0:
+        return mul(x, const(1 / y[1]))
+    if y == add(const(1), app("exp", neg(x))):
+        return mul(x, app("sigmoid", x))
+    return mul(x, app("recip", y))
 
 
 def merge(c: Term, a: Any, b: Any, line: int) -> Any:
