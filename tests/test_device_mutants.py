@@ -92,6 +92,7 @@ def test_an_edit_nvcc_refuses_is_reported_not_killed(artifact: Path, tmp_path: P
     assert rebuild(tmp_path / "m") == nvcc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", _params(MUTANTS))
 def test_a_planted_bug_is_rejected_naming_its_function_and_line(
     artifact: Path, cache: Path, tmp_path: Path, m: DeviceMutant
@@ -105,6 +106,7 @@ def test_a_planted_bug_is_rejected_naming_its_function_and_line(
         raise NotKilled(got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", _params(EQUIVALENT))
 def test_an_equivalent_edit_still_proves(
     artifact: Path, cache: Path, tmp_path: Path, m: DeviceMutant
