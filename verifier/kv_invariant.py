@@ -40,19 +40,20 @@ def _count(regions: list[Region]) -> str:
     return "(+ 0 " + " ".join(f"(ite {_inside(r)} 1 0)" for r in regions) + ")"
 
 
-def append_index(kernel: str) -> str:
-    """The cache index expression of the store in kernel.cu's qkv_rope_append."""
+def append_index(kernel: str) -> tuple[str, int]:
+    """The cache index expression of the store in kernel.cu's qkv_rope_append, and its line."""
     body = re.search(r"void qkv_rope_append\(.*?\n\}\n", kernel, re.S)
     store = body and re.search(r"\bcache\[(.*)\]\s*=[^=]", body.group(0))
-    if not store:
+    if not body or not store:
         raise ExprError("kernel.cu: no `cache[...] = ` store in qkv_rope_append")
-    return re.sub(r"static_cast<[\w ]+>\(", "(", store.group(1))
+    line = kernel.count("\n", 0, body.start() + store.start()) + 1
+    return re.sub(r"static_cast<[\w ]+>\(", "(", store.group(1)), line
 
 
 def append_store(kernel: str, g: Geometry) -> Obligation:
     """kernel.cu's append stores (b, kr, el) at cache[b, kr / D, pos, el] (ExprError: the store
     or its constants cannot be read)."""
-    text = append_index(kernel)
+    text, line = append_index(kernel)
     expr, c = parse(text), Constants(kernel, ())
     consts = {n: c.value(n, {}) for n in sorted(names(expr)) if n not in APPEND_VARS}
     divisors: list[str] = []
@@ -68,7 +69,7 @@ def append_store(kernel: str, g: Geometry) -> Obligation:
         "h",
         "the KV append writes row pos of the cache",
         -1,
-        f"qkv_rope_append: cache[{text}]",
+        f"qkv_rope_append: cache[{text}] at kernel.cu line {line}",
         facts,
         f"(assert (not (and {ok} (= {addr} {want}))))\n",
         data={"mode": "append", "index": text, "consts": consts, "kd": kd, "shape": _slab(g)},

@@ -1,0 +1,117 @@
+"""verifier.mutants_device in the buggy-compiler mode of verifier.compiled_mutants (issue 16,
+item 3): kernel.cu edited, the cubin rebuilt and the hashes updated, so the integrity checks
+pass and only the judgement of the code can reject it. Each planted bug is rejected by its
+obligation class with a message naming its device function and a line in it; each equivalent
+edit still proves. The bugs in code the device semantics do not read yet are strict xfails
+naming what is missing: they flip to failures (remove the mark) when that coverage lands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amk_farm import catalog
+from compiler.artifact import ArtifactError, check_files, read_manifest
+from compiler.pipeline import compile_model
+from compiler.spec import ShapeTemplate
+from verifier import provenance
+from verifier.compiled_mutants import CUBIN, HASHES, apply, outcome, rebuild
+from verifier.mutants_device import EQUIVALENT, MUTANTS, DeviceMutant, replace
+from verifier.verify import verify
+
+MATVEC = "matvec<K> is summarized, its internals (matvec_fma, group_sum) not executed"
+NORM = "the RMSNorm of a matvec's input (rms_rstd, block_sum) is not executed"
+ATTN = "ATTN_PARTIAL (attn_keys, its mask, attn_merge_warps) has no (f) semantics"
+MISSING = {
+    "matvec_fma: a dot product 8 short": MATVEC,
+    "group_sum: the butterfly overwrites": MATVEC,
+    "rms_rstd: the square sum 4 short": NORM,
+    "rms_rstd: mean over K - 1": NORM,
+    "rms_rstd: the sum, not the mean": NORM,
+    "block_sum: warps overwritten": NORM,
+    "attn_merge_warps: 8 outputs not stored": ATTN,
+    "attn_merge_warps: warps' outputs overwritten": ATTN,
+    "attn_keys: q.k unscaled": ATTN,
+    "attn_partial: the current key masked": ATTN,
+    "attn_partial: a future key read": ATTN,
+    "qkv_rope_append: rotate_half's sign flipped": "QKV_ROPE_APPEND has no (f) semantics (RoPE)",
+    "qkv_rope_append: - sin": "QKV_ROPE_APPEND has no (f) semantics (RoPE)",
+    "gate_up_silu: sigmoid(gate) * up": "GATE_UP_SILU has no (f) semantics (SiLU)",
+    "argmax_pick: the last index on ties": "LMHEAD_ARGMAX, ARGMAX_REDUCE have no (f) semantics",
+    "argmax_pick: b on every tie": "LMHEAD_ARGMAX, ARGMAX_REDUCE have no (f) semantics",
+}
+
+
+class NotKilled(AssertionError):
+    """The verifier accepted a planted bug (or rejected it without naming its site)."""
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("device-mutants") / "tiny"
+    compile_model(catalog.resolve("tiny-llama"), ShapeTemplate.parse("b1-s64"), "sm_90a", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("proof-cache")
+
+
+def _params(ms: tuple[DeviceMutant, ...]) -> list[object]:
+    marks = {
+        n: pytest.mark.xfail(strict=True, raises=NotKilled, reason=w) for n, w in MISSING.items()
+    }
+    return [pytest.param(m, id=m.name, marks=marks.get(m.name, ())) for m in ms]
+
+
+def test_the_catalog_covers_every_class_of_the_issue() -> None:
+    assert {m.cls for m in MUTANTS} == {"c", "f", "h"}
+    assert len({m.bug for m in MUTANTS}) == 11
+    assert set(MISSING) <= {m.name for m in MUTANTS}
+    assert len({m.name for m in MUTANTS + EQUIVALENT}) == len(MUTANTS + EQUIVALENT)
+
+
+def test_rebuild_makes_an_edited_artifact_self_consistent(artifact: Path, tmp_path: Path) -> None:
+    m = MUTANTS[0]
+    what, nvcc = apply(artifact, tmp_path / "m", m.edit)
+    assert what is not None and nvcc == ""
+    manifest = read_manifest(tmp_path / "m")
+    check_files(tmp_path / "m", manifest)
+    assert manifest.files["kernel.cu"] != read_manifest(artifact).files["kernel.cu"]
+    assert provenance.cubin(tmp_path / "m", manifest) == (True, "")
+
+
+def test_an_edit_nvcc_refuses_is_reported_not_killed(artifact: Path, tmp_path: Path) -> None:
+    bad = replace("down_residual", "s += ld_act", "s += undeclared_name + ld_act", "no such name")
+    what, nvcc = apply(artifact, tmp_path / "m", bad)
+    assert what is not None and "nvcc failed" in nvcc and "undeclared_name" in nvcc
+    with pytest.raises(ArtifactError, match=r"kernel\.cu does not match"):  # hashes not updated
+        check_files(tmp_path / "m", read_manifest(tmp_path / "m"))
+    assert rebuild(tmp_path / "m") == nvcc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", _params(MUTANTS))
+def test_a_planted_bug_is_rejected_naming_its_function_and_line(
+    artifact: Path, cache: Path, tmp_path: Path, m: DeviceMutant
+) -> None:
+    what, nvcc = apply(artifact, tmp_path / "m", m.edit)
+    assert what is not None and nvcc == "", (what, nvcc)
+    report = verify(tmp_path / "m", write_proof=False, cache=cache)
+    got = outcome(m, (tmp_path / "m" / "kernel.cu").read_text(), report)
+    assert got["integrity"], [c for c in report.checks if c[0] in (HASHES, CUBIN)]
+    if not (got["killed"] and got["names_function"] and got["names_line"]):
+        raise NotKilled(got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", _params(EQUIVALENT))
+def test_an_equivalent_edit_still_proves(
+    artifact: Path, cache: Path, tmp_path: Path, m: DeviceMutant
+) -> None:
+    what, nvcc = apply(artifact, tmp_path / "m", m.edit)
+    assert what is not None and nvcc == "", (what, nvcc)
+    report = verify(tmp_path / "m", write_proof=False, cache=cache)
+    assert report.ok, report.failures()
