@@ -14,7 +14,7 @@ from compiler.codegen.kernel import render_kernel
 from compiler.ir.fused_layout import layout
 from compiler.schedule import build_schedule
 from compiler.schedule.schedule import Options
-from compiler.spec import ShapeTemplate
+from compiler.spec import ModelSpec, ShapeTemplate
 from tests.test_device_sync import VARIANTS, edit, kernel
 from verifier.device import races, sync
 from verifier.device.parse import parse
@@ -35,6 +35,22 @@ def fma4() -> str:
 def mma_chunks() -> str:
     """KC = 112 < K: matvec_mma stages several input chunks, one after the other."""
     return render("b1-s64", matvec="mma", stage_bytes=4096, work_bytes=5120)
+
+
+def test_wide_rows_in_several_chunks_have_no_race():
+    """llama-2-70b's shape, small: B = 1, the default 32 KiB slots, 6 stages, H = 8192 > KC, so
+    matvec_fma's chunk loop runs twice and its first chunk takes several slots (j passes). The
+    ring slot after the j loop is 0 + j's pass count: its bound needs the j loop's test at the
+    pass before (`verifier.device.loops.reached`); without it the slot was unbounded and the
+    weight read at seg + k met the part[] write (a false WAR / RAW)."""
+    spec = ModelSpec(name="wide-llama", arch="llama", hidden_size=8192, intermediate_size=1024,
+                     num_layers=1, num_heads=64, num_kv_heads=8, head_dim=128, vocab_size=512,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)  # fmt: skip
+    fg = layout(spec)
+    opts = Options(matvec="fma", stages=6)
+    cu = render_kernel(fg, build_schedule(fg, ShapeTemplate.parse("b1-s64"), opts))
+    assert "constexpr int STAGES = 6;" in cu and "constexpr int KC = 8048;" in cu
+    assert race(cu) == ""
 
 
 @pytest.fixture(scope="module")

@@ -307,9 +307,10 @@ class Interp(ExprEval):
         entry = st
         key = self.where(getattr(body, "line", 0))
         lo = fresh_mark()
-        probe, probe_exits, runs = self.iterate(entry.copy(), test, step, body)
+        probe, probe_exits, runs, _ = self.iterate(entry.copy(), test, step, body)
         # runs: the test holds on entry, so no path leaves the loop before one pass
         wrong: set = set()
+        at_head: object = None  # the test's value at the head (the last round's first pass)
         # the passes from the head are the iterations n >= 1 (the probe was n = 0): they start
         # from what went round the back edge, not from the entry
         for _ in range(3):  # until the head's inductions are inductions
@@ -324,7 +325,9 @@ class Interp(ExprEval):
             ):  # one more pass, until the facts are stable
                 cur = havoc.copy()
                 cur.facts = heads
-                after, exits, _ = self.iterate(cur, test, step, body)
+                after, exits, _, c = self.iterate(cur, test, step, body)
+                if npass == 0:
+                    at_head = c
                 bad = head.check(self, after) if npass == 0 else set()
                 if bad:
                     break
@@ -336,6 +339,8 @@ class Interp(ExprEval):
             if not bad:
                 break
             wrong |= bad
+        if not probe.dead and not bad:
+            loops.reached(self, head, at_head, lo)
         self.loop_symbols[key] = (lo, fresh_mark())  # the symbols of this run of the loop
         out = havoc.copy()
         out.guard = entry.guard
@@ -354,11 +359,13 @@ class Interp(ExprEval):
                 out.env[(frame, k)] = v
         return out
 
-    def iterate(self, st: State, test, step, body) -> tuple[State, list[State], bool]:
-        """One pass: test, body, step. Returns the state after it, the states that broke out and
-        whether the test held for every thread (no thread left at the head)."""
+    def iterate(self, st: State, test, step, body) -> tuple[State, list[State], bool, object]:
+        """One pass: test, body, step. Returns the state after it, the states that broke out,
+        whether the test held for every thread (no thread left at the head) and the test's value
+        (None without a test)."""
         g = st.guard
         held = test is None
+        c: object = None
         if test is not None:
             before = len(self.acquired)
             c = as_bool(self.eval(test, st))
@@ -367,7 +374,7 @@ class Interp(ExprEval):
             held = c is True or (c is not False and not self.sat(st.guard, z3.Not(c)))
             if c is False or (c is not True and not self.sat(st.guard, c)):
                 st.dead = True
-                return st, [], False
+                return st, [], False, c
             st.guard = z3.And(g, c) if c is not True else g
         self.breaks.append([])
         self.continues.append([])
@@ -379,7 +386,7 @@ class Interp(ExprEval):
             self.eval(step, st)
         brks = self.breaks.pop()
         st.guard = g
-        return st, brks, held
+        return st, brks, held, c
 
     def body(self, block: n.Block, st: State) -> State:
         self.returns.append([])

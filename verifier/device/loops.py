@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING
 
 import z3
 
-from verifier.device.sync_values import TID, StructV, concrete, fresh, mentions_tid, symbols
+from verifier.device.sync_values import (
+    TID,
+    StructV,
+    concrete,
+    fresh,
+    fresh_number,
+    mentions_tid,
+    symbols,
+)
 
 if TYPE_CHECKING:
     from verifier.device.interp import Interp, State
@@ -103,6 +111,27 @@ def havoc(it: Interp, entry: State, after: State, wrong: set[Path]) -> Head:
     if count:
         head.state.guard = z3.And(head.state.guard, *(n >= 1 for n in count.values()))
     return head
+
+
+def reached(it: Interp, head: Head, test: object, lo: int) -> None:
+    """Adds to each pass count n of `head` that its head was reached: a thread that passed the
+    test on entry (n = 0) and is at the head after n passes passed it after n - 1 passes.
+    `test`: its value at the head after n passes; it says so of n - 1 (and of 0) only when it is
+    built from the counts and from values fixed before the loop (fresh numbers below `lo`), not
+    from the loop's widened values nor its loads, and when a thread-dependent test has a count
+    per thread. n = 1 always satisfies it (nothing vacuous for a thread that never enters)."""
+    if not head.counts or not isinstance(test, z3.BoolRef):
+        return
+    counts = {n.decl().name() for n in head.counts}
+    if any(s not in counts and fresh_number(s) >= lo for s in symbols(test)):
+        return
+    if mentions_tid(test) and not all(mentions_tid(n) for n in head.counts):
+        return  # one count for threads that may leave after different passes: claim nothing
+    first = z3.substitute(test, *((n, z3.IntVal(0)) for n in head.counts))
+    prev = z3.substitute(test, *((n, n - 1) for n in head.counts))
+    for n in head.counts:
+        k = n.decl().name()
+        it.invariants[k] = z3.And(it.invariants.get(k, True), z3.Or(z3.Not(first), prev))
 
 
 def _range(it: Interp, x: z3.ArithRef, v0: object, first: tuple, step: tuple) -> None:
