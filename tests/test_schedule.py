@@ -467,6 +467,8 @@ def test_small_batch_defaults_follow_the_model_shape() -> None:
     assert picked("llama-2-7b", sm_count=108) == ("fit", 1, 4)  # an A100's SMs
     assert picked("llama-3.2-1b", 16) == ("fixed", 1, 4)  # the tensor-core batch path
     assert picked("llama-3.2-1b", kv_partitions=3) == ("fit", 2, 3)  # given values win
+    assert picked("llama-3.2-1b", row_tile=32) == ("fixed", 2, 8)  # a given tile is kept
+    assert picked("llama-2-7b", qkv_heads_per_task=2) == ("fit", 1, 4)
     assert Options.for_target("sm_90a", 1).tile_policy == "fixed"  # no model given
 
 

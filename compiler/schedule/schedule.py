@@ -157,6 +157,12 @@ class Options:
         base = ARCH_DEFAULTS.get(arch, {}) | by_batch.get(arch, {})
         sm = (base | values).get("sm_count", cls.sm_count)
         by_model = small_batch_shape(model, sm) if model is not None and batch < MMA_BATCH else {}
+        for given, implied in (
+            ("row_tile", "tile_policy"),
+            ("qkv_heads_per_task", "qkv_head_split"),
+        ):
+            if given in values:  # a tile asked for is the tile used, not re-fitted
+                by_model.pop(implied, None)
         return cls(**(base | by_model | values))
 
     def to_json(self) -> dict[str, Any]:
