@@ -10,6 +10,8 @@ subset the parser reads fails the artifact with the line; nothing is skipped.
 
 from __future__ import annotations
 
+import hashlib
+
 from compiler.ir.fused import FusedGraph
 from verifier.device import symexec, sync
 from verifier.device.nodes import ParseError
@@ -22,10 +24,27 @@ Check = tuple[str, bool, str]
 PARSED = "(i) kernel.cu's device code is in the subset the verifier reads"
 
 
+# judged texts of this process, by the digest of everything the judgement reads: the mutants of
+# schedule.json and fused.json (and a farm worker's parts) leave kernel.cu as it was
+_JUDGED: dict[str, tuple[list[Check], list[Obligation]]] = {}
+
+
 def judge(
     text: str, arch: str, fused: FusedGraph, g: Geometry
 ) -> tuple[list[Check], list[Obligation]]:
     """(checks, obligations) of kernel.cu's device code for a cubin of `arch` (e.g. sm_90a)."""
+    key = hashlib.sha256("\0".join((text, arch, fused.digest(), repr(g))).encode()).hexdigest()
+    if key not in _JUDGED:
+        if len(_JUDGED) >= 64:
+            _JUDGED.clear()
+        _JUDGED[key] = _judge(text, arch, fused, g)
+    checks, obs = _JUDGED[key]
+    return list(checks), list(obs)
+
+
+def _judge(
+    text: str, arch: str, fused: FusedGraph, g: Geometry
+) -> tuple[list[Check], list[Obligation]]:
     try:
         unit = parse(text, arch_of_cubin(arch))
     except (ParseError, RecursionError) as e:
