@@ -21,14 +21,8 @@ from verifier.compiled_mutants import CUBIN, HASHES, apply, outcome, rebuild
 from verifier.mutants_device import EQUIVALENT, MUTANTS, DeviceMutant, replace
 from verifier.verify import verify
 
-BUTTERFLY = "group_sum's overwrite is not told apart on this kernel (one slice, one chunk)"
-NORM = "rms_rstd's divisor and block_sum reach only GATE_UP_SILU's obligations, which miss them"
 ATTN = "ATTN_PARTIAL (attn_keys, its mask, attn_merge_warps) has no (f) semantics"
 MISSING = {
-    "group_sum: the butterfly overwrites": BUTTERFLY,
-    "rms_rstd: mean over K - 1": NORM,
-    "rms_rstd: the sum, not the mean": NORM,
-    "block_sum: warps overwritten": NORM,
     "attn_merge_warps: 8 outputs not stored": ATTN,
     "attn_merge_warps: warps' outputs overwritten": ATTN,
     "attn_keys: q.k unscaled": ATTN,

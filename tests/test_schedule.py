@@ -459,7 +459,7 @@ def test_small_batch_defaults_follow_the_model_shape() -> None:
         o = Options.for_target("sm_90a", batch, resolve(name), **values)
         return o.tile_policy, o.qkv_head_split, o.kv_partitions
 
-    assert picked("smollm2-135m") == ("fit", 4, 8)  # 15 heads x 4 <= 132; 3 KV heads
+    assert picked("smollm2-135m") == ("fit", 8, 8)  # 15 heads x 8 <= 132; 3 KV heads
     assert picked("llama-3.2-1b") == ("fit", 2, 8)  # 48 heads x 2 <= 132 < 48 x 4
     assert picked("llama-2-7b") == ("fit", 1, 4)  # 96 heads; 32 KV heads x 4 = 128
     assert picked("llama-2-13b") == ("fit", 1, 4)  # 40 KV heads: never below 4

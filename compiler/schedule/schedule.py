@@ -70,12 +70,14 @@ MMA_BATCH = 8  # the smallest batch that defaults to the tensor-core matvec
 # phase is latency-bound on few SMs unless its tasks cover them, so
 #   * o-proj, gate/up and down tiles sized to at most sm_count tasks (tile_policy=fit:
 #     smollm2-135m 0.721 -> 0.665 ms, llama-3.2-1b 0.953 -> 0.919, llama-2-7b 3.949 -> 3.669);
-#   * QKV tasks of 1/2 or 1/4 of a head while the heads times that fit the SMs (qkv_head_split:
-#     smollm2-135m 0.665 -> 0.601 ms at 4, llama-3.2-1b 0.919 -> 0.886 at 2);
+#   * QKV tasks of 1/2 to 1/8 of a head while the heads times that fit the SMs (qkv_head_split:
+#     smollm2-135m 0.665 -> 0.601 ms at 4, 0.605 -> 0.580 at 8; llama-3.2-1b 0.919 -> 0.886 at 2);
+#     never past them: llama-2-7b 3.68 ms at 1, 3.78 at 2, 3.85 at 4, 3.97 at 8 (a CTA running
+#     two or three QKV tasks pays each one's fixed cost in turn);
 #   * KV partitions while the KV heads times P fit the SMs, 4 to 8 (runtime-sized partitions:
 #     llama-3.2-1b KV 2048 1.037 -> 0.963 ms at P = 8; llama-2-7b, 32 KV heads, 4.20 -> 4.28 ms
 #     at 8, so it keeps 4).
-MAX_QKV_SPLIT = 4
+MAX_QKV_SPLIT = 8
 KV_PARTITIONS = (4, 8)  # the range the rule picks P from
 
 

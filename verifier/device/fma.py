@@ -28,10 +28,11 @@ the ring's mbarriers), fmaf as + and * over the reals.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from typing import Any
 
-from verifier.device import lanes, rms
+from verifier.device import contracts, lanes, rms
 from verifier.device import nodes as n
 from verifier.device.effects import Store
 from verifier.device.execute import Executor
@@ -56,7 +57,36 @@ def prove(
 ) -> tuple[list[Obligation], rms.Form | None]:
     """The obligations that `matvec<K>(nrows, src, ld, norm, ...)` (`call`) computes its summary,
     and for a normed input the form of rstd (`verifier.device.rms`); `ring` holds the slots the
-    producer's run filled."""
+    producer's run filled. Where a sum fails, the reduction helper that broke it is named too
+    (`verifier.device.contracts.blame`)."""
+    pristine = copy.deepcopy(ring)
+    out, form = _prove(k, bind, ranges, call, ring, B, where)
+    if not any(failed(ob) for ob in out):
+        return out, form
+
+    def fails(kernel: Any) -> bool:
+        again, _ = _prove(kernel, bind, ranges, call, copy.deepcopy(pristine), B, where)
+        return any(failed(ob) for ob in again)
+
+    check = f"{where.split(',')[0]}: matvec_fma<{call[0]}>"
+    for name, first, last in contracts.blame(k, fails):
+        why = (
+            f"{name} (kernel.cu lines {first}-{last}) breaks its sum: its reference in its place"
+            " makes the sums hold"
+        )
+        out.append(_fails(check, where, first, why))
+    return out, form
+
+
+def _prove(
+    k: Any,
+    bind: Any,
+    ranges: dict[str, tuple[int, int]],
+    call: tuple[int, Aff, Ptr, int, Any],
+    ring: Ring,
+    B: int,
+    where: str,
+) -> tuple[list[Obligation], rms.Form | None]:
     K, nrows, src, ld, norm = call
     nwarps = _int(k, "NWARPS")
     xs_floats = _int(k, "XS_FLOATS")
@@ -95,6 +125,8 @@ def prove(
     form = None
     if isinstance(norm, Ptr):
         form, problems = rms.check(area.table(), tail + nwarps, src, ld, K, B, bind.shapes, r)
+        if form is not None:
+            problems += rms.against_model(form, K, float(bind.fused.dim("eps")))
         at = [s.line for s in ex.stores if s.array == WORK and s.offset.bounds(r)[0] >= tail]
         out += [_fails(check, where, max(at, default=0), f"rms_rstd: {p}") for p in problems]
     return out, form
@@ -282,6 +314,14 @@ def _ob(check: str, subject: str, facts: str, goal: str, why: str) -> Obligation
     return Obligation("f", check, -1, subject, facts, goal, data={"mode": "device", "why": why})
 
 
+def failed(ob: Obligation) -> bool:
+    """Whether `ob` is a failure found by enumeration (`_fails`), not a query left to the solver."""
+    return ob.goal == FAILS
+
+
+FAILS = "(assert true)\n"
+
+
 def _fails(check: str, where: str, line: int, why: str) -> Obligation:
     at = f", kernel.cu line {line}" if line else ""
-    return _ob(f"{check}: computes its summary", f"{where}{at}: {why}", "", "(assert true)\n", why)
+    return _ob(f"{check}: computes its summary", f"{where}{at}: {why}", "", FAILS, why)

@@ -103,9 +103,9 @@ def install(
             ex.k, bind, ex.ranges, (K, nrows, src, m.ld, norm), ring, B, where
         )
         m.norm = norm if isinstance(norm, Ptr) else None
+        done.append(m)
         if m.norm is not None and m.rms is None:
             raise Unsupported("rms_rstd's outputs are not in the form proved", e.line)
-        done.append(m)
         ex.shared[PART] = lambda off, line: Real(_split(ex, m, off, B, line))
 
     def unset(off: Aff, line: int) -> Any:

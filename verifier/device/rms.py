@@ -66,6 +66,18 @@ def check(
     return (next(iter(forms)) if len(forms) == 1 else None), problems
 
 
+def against_model(form: Form, K: int, eps: float) -> list[str]:
+    """What in rstd's form (f, e) is not the model's RMSNorm over a row of K: f = 1/K exactly, and
+    e the model's eps as the float32 constant the code holds (within its rounding, 2^-24)."""
+    f, e = form
+    problems = []
+    if f != Fraction(1, K):
+        problems.append(f"rstd scales the square sum by {f}, not 1/{K} (the mean over the row)")
+    if abs(float(e) - eps) > abs(eps) * 2.0**-23:
+        problems.append(f"rstd adds {float(e):.9g}, not the model's eps {eps:.9g}")
+    return problems
+
+
 def term(form: Form, src: Ptr, ld: int, K: int, b: Aff, element: Any, fresh: str) -> Term:
     """rstd(b) as the model's terms write it (a sum binder over a fresh column)."""
     f, e = form
@@ -80,11 +92,11 @@ def _form(v: Term) -> tuple[Fraction, Fraction, list[Term]] | None:
     parts = list(arg[1:]) if arg[0] == "+" else [arg]
     consts = [p for p in parts if p[0] == "c"]
     rest = [p for p in parts if p[0] != "c"]
-    if len(consts) != 1 or len(rest) != 1 or rest[0][0] != "*" or rest[0][1][0] != "c":
+    if len(consts) != 1 or not rest:
         return None
-    f, s = rest[0][1][1], rest[0][2:]
-    total = s[0] if len(s) == 1 else None
-    if total is None:
-        return None
-    squares = list(total[1:]) if total[0] == "+" else [total]
-    return f, consts[0][1], squares
+    if len(rest) == 1 and rest[0][0] == "*" and rest[0][1][0] == "c":
+        f, s = rest[0][1][1], rest[0][2:]
+        if len(s) != 1:
+            return None
+        return f, consts[0][1], list(s[0][1:]) if s[0][0] == "+" else [s[0]]
+    return Fraction(1), consts[0][1], rest  # the sum itself, unscaled
