@@ -30,8 +30,6 @@ MISSING = {
     "attn_partial: a future key read": ATTN,
     "qkv_rope_append: rotate_half's sign flipped": "QKV_ROPE_APPEND has no (f) semantics (RoPE)",
     "qkv_rope_append: - sin": "QKV_ROPE_APPEND has no (f) semantics (RoPE)",
-    "argmax_pick: the last index on ties": "LMHEAD_ARGMAX, ARGMAX_REDUCE have no (f) semantics",
-    "argmax_pick: b on every tie": "LMHEAD_ARGMAX, ARGMAX_REDUCE have no (f) semantics",
 }
 
 

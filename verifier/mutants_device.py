@@ -251,6 +251,17 @@ EQUIVALENT: tuple[DeviceMutant, ...] = (
         "f", "attn_merge", "max over P unrolled", lambda w: rewrite("attn_merge", _unroll_max, w)
     ),
     _same(
+        "f",
+        "argmax_pick",
+        "its comparisons mirrored",
+        lambda w: replace(
+            "argmax_pick",
+            "b.val > a.val || (b.val == a.val && b.idx < a.idx)",
+            "a.val < b.val || (a.val == b.val && a.idx > b.idx)",
+            w,
+        ),
+    ),
+    _same(
         "c",
         "signal_task",
         "a comment",

@@ -418,7 +418,13 @@ def smt_cond(c: Term, env: Mapping[str, int]) -> str:
         return f"(not {smt_cond(c[1], env)})"
     if op in ("and", "or"):
         return f"({op} {' '.join(smt_cond(x, env) for x in c[1:])})"
+    if op in REAL_CMP:  # a comparison of two real terms
+        return f"({REAL_CMP[op]} {smt(c[1], env)} {smt(c[2], env)})"
     return f"({op} {smt_aff(c[1], env)} {smt_aff(c[2], env)})"
+
+
+# conditions over real terms (the executor's float comparisons): ("r<", t, u), ...
+REAL_CMP = {"r<": "<", "r<=": "<=", "r=": "="}
 
 
 # ---- JSON ------------------------------------------------------------------------------------

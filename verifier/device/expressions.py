@@ -51,6 +51,17 @@ TABLES = {"INV_FREQ": "inv_freq"}
 UNARY_FNS = {"expf": "exp", "__expf": "exp", "rsqrtf": "rsqrt", "sqrtf": "sqrt"}
 
 
+# C's float comparison -> (term condition, operands swapped)
+REAL_ORDER = {
+    "<": ("r<", False),
+    ">": ("r<", True),
+    "<=": ("r<=", False),
+    ">=": ("r<=", True),
+    "==": ("r=", False),
+    "!=": ("r=", False),
+}
+
+
 class Expressions(Memory):
     def call(self, f: n.Function, args: list[LValue], targs: list[Any]) -> Any:
         """Inline device function f (the executor's)."""
@@ -159,6 +170,10 @@ class Expressions(Memory):
             return self.int_binary(op, a, b, line)
         if isinstance(a, (Aff, Real)) and isinstance(b, (Aff, Real)):
             x, y = real(a), real(b)
+            if op in REAL_ORDER:  # float comparisons, over the reals (no NaN)
+                lt, swap = REAL_ORDER[op]
+                c = (lt, y, x) if swap else (lt, x, y)
+                return Bool(("not", ("r=", x, y)) if op == "!=" else c)
             if op == "+":
                 return Real(add(x, y))
             if op == "-":
