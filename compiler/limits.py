@@ -105,8 +105,12 @@ def schedule_tasks(spec: ModelSpec, template: ShapeTemplate, options: Any) -> in
     kv = spec.num_kv_heads
     ks = max(k for k in range(1, min(i, options.down_splits) + 1) if i % k == 0)
     per_layer = (
-        math.ceil((spec.num_heads + 2 * kv) / options.qkv_heads_per_task)  # qkv_rope_append
-        * options.qkv_head_split
+        (  # qkv_rope_append
+            math.ceil((spec.num_heads + 2 * kv) * spec.head_dim / options.qkv_rows)
+            if options.qkv_rows
+            else math.ceil((spec.num_heads + 2 * kv) / options.qkv_heads_per_task)
+            * options.qkv_head_split
+        )
         + kv * min(options.kv_partitions, template.max_seq)  # attn_partial
         + kv  # attn_merge
         + math.ceil(h / rows) * (2 + ks)  # oproj_residual, down_partial x KS, down_residual

@@ -104,7 +104,7 @@ def _check(run: Run, sched: Schedule, order: str, seed: int = 0, steps: int | No
 
 @pytest.mark.parametrize("opts", [Options(), Options(qkv_heads_per_task=3, row_tile=48, lm_head_rows=100,
                                                      kv_partitions=3, down_splits=3, embed_cols=96),
-                                  Options(qkv_head_split=4)])  # fmt: skip
+                                  Options(qkv_head_split=4), Options(qkv_rows=24)])  # fmt: skip
 def test_tiles_touch_only_their_regions(opts: Options) -> None:
     """Everything outside a task's read regions is NaN; its writes must still be NaN-free, and
     nothing outside its write regions may change (regions.py and tiles.py agree)."""
@@ -152,14 +152,15 @@ def test_tiles_touch_only_their_regions(opts: Options) -> None:
             assert np.array_equal(a[~written[n]], before[n][~written[n]], equal_nan=True), (t, n)
 
 
-@pytest.mark.parametrize("split_", [2, 4, 32])
-def test_qkv_head_split_equals_the_whole_instruction(split_: int) -> None:
-    """tiny-llama's QKV instruction in pair-order tiles of part of a head (qkv_head_split) gives
-    bit for bit what its whole-head tiles and its single whole-instruction tile give, and that
-    is fused.py's semantics (`run_fused`, whole buffers) to float64 rounding."""
+@pytest.mark.parametrize("split_", [2, 4, 32, "rows"])
+def test_qkv_head_split_equals_the_whole_instruction(split_: int | str) -> None:
+    """tiny-llama's QKV instruction in pair-order tiles of part of a head (qkv_head_split), or of
+    40 rows across heads (qkv_rows), gives bit for bit what its whole-head tiles and its single
+    whole-instruction tile give, and that is fused.py's semantics (`run_fused`, whole buffers)
+    to float64 rounding."""
     fg = layout(TINY)
     qkv = fg.instrs[1]
-    rng = np.random.default_rng(split_)
+    rng = np.random.default_rng(99 if split_ == "rows" else split_)
     env = {"B": 2, "S": 16, "P": 1, "KS": 1, "NT": 1}
     weights = {n: rng.standard_normal(concrete(sh, env)) * 0.2 for n, sh in fg.weights}
     x = rng.standard_normal((2, 256))
@@ -174,12 +175,13 @@ def test_qkv_head_split_equals_the_whole_instruction(split_: int) -> None:
         buf = {"x": x.copy(), "q": np.full((2, 256), np.nan), "rope_inv_freq": inv}
         buf |= {n: c.copy() for n, c in caches.items()}
         params = [t.params for t in sched.tasks if t.instr == 1] if opts else [(0, g.qkv_rows)]
-        assert len(params) == (8 * split_ if opts and opts.qkv_head_split > 1 else 8 if opts else 1)
+        want = -(-512 // 40) if opts and opts.qkv_rows else 8 * opts.qkv_head_split if opts else 1
+        assert len(params) == want
         for p in params:
             run_task(qkv, p, g, buf, weights, pos)
         return {n: buf[n] for n in qkv.outputs}
 
-    split = run(Options(qkv_head_split=split_))
+    split = run(Options(qkv_rows=40) if split_ == "rows" else Options(qkv_head_split=int(split_)))
     for other in (run(Options()), run(None)):
         for n in qkv.outputs:
             assert np.array_equal(split[n], other[n]), n
@@ -292,8 +294,9 @@ def test_orders_differ_and_steps_are_fenced() -> None:
                                   Options(sm_count=108, policy="balanced", qkv_heads_per_task=3, row_tile=48,
                                           lm_head_rows=100, kv_partitions=3, down_splits=3, embed_cols=96),
                                   Options(sm_count=3), Options(qkv_head_split=2, sm_count=48),
-                                  Options(qkv_head_split=8, policy="balanced")],
-                         ids=["balanced", "odd", "3sm", "qkv_split2", "qkv_split8"])  # fmt: skip
+                                  Options(qkv_head_split=8, policy="balanced"),
+                                  Options(qkv_rows=40, sm_count=13)],
+                         ids=["balanced", "odd", "3sm", "qkv_split2", "qkv_split8", "qkv_rows"])  # fmt: skip
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
 def test_other_options_match_reference(name: str, opts: Options) -> None:
     run = _tiny(name, 4)

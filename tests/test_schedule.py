@@ -219,11 +219,14 @@ def test_qkv_head_split_tiles_are_pairs_of_one_head(fg: FusedGraph, split_: int)
     )
 
 
-def test_qkv_tiles_must_be_whole_heads_or_pairs_of_one(fg: FusedGraph) -> None:
+def test_qkv_tiles_hold_whole_rope_pairs(fg: FusedGraph) -> None:
     g = Geometry.of(fg, bind(fg, B4, Options()))
     assert qkv_pairs(g, 64, 192) == [(0, 1, 0, 32), (0, 2, 0, 32)]
     assert qkv_pairs(g, 4 * 64 + 8, 4 * 64 + 24) == [(1, 0, 4, 12)]  # k head 0, pairs 4..11
-    for bad in ((1, 33), (0, 31), (32, 96), (60, 70), (0, 9 * 64)):
+    assert qkv_pairs(g, 32, 96) == [(0, 0, 16, 32), (0, 1, 0, 16)]  # across two q heads
+    assert qkv_pairs(g, 60, 70) == [(0, 0, 30, 32), (0, 1, 0, 3)]
+    assert qkv_pairs(g, 3 * 64 + 48, 4 * 64 + 8) == [(0, 3, 24, 32), (1, 0, 0, 4)]  # q into k
+    for bad in ((1, 33), (0, 31), (61, 70), (0, 9 * 64)):
         with pytest.raises(ValueError):
             qkv_pairs(g, *bad)
     with pytest.raises(IRError, match="qkv_head_split=3 must divide head_dim / 2 = 32"):
@@ -234,7 +237,20 @@ def test_qkv_tiles_must_be_whole_heads_or_pairs_of_one(fg: FusedGraph) -> None:
         Options(qkv_head_split=0)
     with pytest.raises(LimitError, match="qkv_head_split 129 exceeds the limit 128"):
         Options(qkv_head_split=129)
-    for opts in (Options(qkv_head_split=2), Options(qkv_head_split=8, row_tile=48)):
+    with pytest.raises(ValueError, match="qkv_rows must be even"):
+        Options(qkv_rows=25)
+    with pytest.raises(ValueError, match="qkv_rows must be a non-negative integer"):
+        Options(qkv_rows=-2)
+    with pytest.raises(ValueError, match="qkv_rows=24 tiles the QKV rows itself"):
+        Options(qkv_rows=24, qkv_head_split=2)
+    rows = build_schedule(fg, B4, Options(qkv_rows=24)).tasks
+    assert [t.params for t in rows if t.kind is Kind.QKV_ROPE_APPEND and t.layer == 0][:3] == [
+        (0, 24),
+        (24, 48),
+        (48, 72),
+    ]
+    for opts in (Options(qkv_head_split=2), Options(qkv_head_split=8, row_tile=48),
+                 Options(qkv_rows=24)):  # fmt: skip
         assert schedule_tasks(TINY, B4, opts) == len(build_schedule(fg, B4, opts).tasks)
 
 
@@ -311,8 +327,9 @@ def _closure(s: Schedule) -> list[set[int]]:
 
 @pytest.mark.parametrize("spec", [TINY, MISTRAL], ids=lambda s: s.name)
 @pytest.mark.parametrize("opts", [Options(), ODD, Options(policy="balanced", sm_count=108),
-                                  Options(qkv_head_split=4, sm_count=7)],
-                         ids=["default", "odd", "balanced", "qkv_split"])  # fmt: skip
+                                  Options(qkv_head_split=4, sm_count=7),
+                                  Options(qkv_rows=40, sm_count=11)],
+                         ids=["default", "odd", "balanced", "qkv_split", "qkv_rows"])  # fmt: skip
 def test_every_direct_hazard_is_waited_for(spec: ModelSpec, opts: Options) -> None:
     fg = layout(spec)
     s = build_schedule(fg, B4, opts)
@@ -457,18 +474,21 @@ def test_small_batch_defaults_follow_the_model_shape() -> None:
 
     def picked(name: str, batch: int = 1, **values: object) -> tuple[object, ...]:
         o = Options.for_target("sm_90a", batch, resolve(name), **values)
-        return o.tile_policy, o.qkv_head_split, o.kv_partitions
+        return o.tile_policy, o.qkv_head_split, o.qkv_rows, o.kv_partitions
 
-    assert picked("smollm2-135m") == ("fit", 8, 8)  # 15 heads x 8 <= 132; 3 KV heads
-    assert picked("llama-3.2-1b") == ("fit", 2, 8)  # 48 heads x 2 <= 132 < 48 x 4
-    assert picked("llama-2-7b") == ("fit", 1, 4)  # 96 heads; 32 KV heads x 4 = 128
-    assert picked("llama-2-13b") == ("fit", 1, 4)  # 40 KV heads: never below 4
-    assert picked("llama-2-70b") == ("fit", 1, 8)
-    assert picked("llama-2-7b", sm_count=108) == ("fit", 1, 4)  # an A100's SMs
-    assert picked("llama-3.2-1b", 16) == ("fixed", 1, 4)  # the tensor-core batch path
-    assert picked("llama-3.2-1b", kv_partitions=3) == ("fit", 2, 3)  # given values win
-    assert picked("llama-3.2-1b", row_tile=32) == ("fixed", 2, 8)  # a given tile is kept
-    assert picked("llama-2-7b", qkv_heads_per_task=2) == ("fit", 1, 4)
+    assert picked("smollm2-135m") == ("fit", 8, 0, 8)  # 15 heads x 8 <= 132; 3 KV heads
+    assert picked("llama-3.2-1b") == ("fit", 2, 0, 8)  # 48 heads x 2 <= 132 < 48 x 4; 128 KB
+    assert picked("llama-2-7b") == ("fit", 1, 96, 4)  # 96 heads of 1 MB: 12288 rows / 132
+    assert picked("llama-3-8b") == ("fit", 1, 48, 8)  # 48 heads x 2 of 512 KB
+    assert picked("llama-2-13b") == ("fit", 1, 0, 4)  # 120 heads fill 9/10 of the SMs
+    assert picked("llama-2-70b") == ("fit", 1, 80, 8)  # 80 heads of 2 MB: 10240 rows / 132
+    assert picked("llama-2-7b", sm_count=108) == ("fit", 1, 120, 4)  # an A100: 96 heads, 108 SMs
+    assert picked("llama-3.2-1b", 16) == ("fixed", 1, 0, 4)  # the tensor-core batch path
+    assert picked("llama-3.2-1b", kv_partitions=3) == ("fit", 2, 0, 3)  # given values win
+    assert picked("llama-3.2-1b", row_tile=32) == ("fixed", 2, 0, 8)  # a given tile is kept
+    assert picked("llama-2-7b", qkv_heads_per_task=2) == ("fit", 1, 0, 4)
+    assert picked("llama-2-7b", qkv_head_split=2) == ("fit", 2, 0, 4)
+    assert picked("llama-3.2-1b", qkv_rows=16) == ("fit", 1, 16, 8)
     assert Options.for_target("sm_90a", 1).tile_policy == "fixed"  # no model given
 
 

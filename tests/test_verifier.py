@@ -243,7 +243,7 @@ def test_qkv_head_split_artifact_proves_and_its_qkv_bugs_are_rejected(tmp_path, 
     assert [r.spans[3] for r in k0.writes] == [
         tuple(Bound.of(v) for v in span) for span in ((16, 32), (48, 64))
     ]
-    for bad in ((1, 32), (32, 96), (0, 9 * 64)):  # an odd end, two half heads, past [Wq; Wk; Wv]
+    for bad in ((1, 32), (32, 95), (0, 9 * 64)):  # odd ends, past [Wq; Wk; Wv]
         with pytest.raises(ParamError):
             touches(Kind.QKV_ROPE_APPEND, 0, bad, g)
     picked = tuple(

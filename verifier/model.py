@@ -231,19 +231,19 @@ def _qkv_rows(r0: int, r1: int, g: Geometry) -> list[tuple[str, int, int, int]]:
 
     The kernel takes task row v as row j = (r0 + v) mod D of head (r0 + v) / D, the head's
     element e(j) = j / 2 + (j mod 2) * D/2, and pairs it with task row v ^ 1 for RoPE. That is
-    the RoPE pair (e, e + D/2) only if [r0, r1) is whole heads or an even range inside one head
-    (else row 0 or the last row pairs with a row outside the task): any other tile is a
+    the RoPE pair (e, e + D/2) only if r0 and r1 are even (D is even, so rows 2i, 2i + 1 are
+    one head's pair; with r0 odd task row v ^ 1 is global row (r0 + v) ^ 1 only by accident,
+    and with r1 odd the last row's partner lies outside the task): any other tile is a
     ParamError. Rows [j0, j1) of a head are then elements [j0/2, j1/2) and
-    [j0/2 + D/2, j1/2 + D/2).
+    [j0/2 + D/2, j1/2 + D/2), for each head the range meets.
     """
     D, rows = g.D, (g.HQ + 2 * g.KV) * g.D
     if not 0 <= r0 < r1 <= rows:
         raise ParamError(f"qkv_rope_append rows [{r0}, {r1}) outside [0, {rows})")
-    whole = r0 % D == 0 and r1 % D == 0
-    if not whole and (r0 // D != (r1 - 1) // D or r0 % 2 or r1 % 2):
+    if r0 % 2 or r1 % 2:
         raise ParamError(
-            f"qkv_rope_append rows [{r0}, {r1}) are neither whole heads of {D} nor an even range "
-            "of one head: the kernel would pair rows of different RoPE pairs"
+            f"qkv_rope_append rows [{r0}, {r1}) are not an even range: the kernel would pair "
+            "rows of different RoPE pairs"
         )
     out = []
     for h in range(r0 // D, -(-r1 // D)):

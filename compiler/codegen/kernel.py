@@ -95,11 +95,10 @@ from this launch). Needs gridDim.x == SM_COUNT, blockDim.x == THREADS and
 0 <= pos0 <= pos0 + steps <= S, else it traps."""
 
 
-def _whole_pairs(r0: int, r1: int, d: int) -> bool:
-    """QKV rows [r0, r1) (pair order) hold both rows of each RoPE pair they touch: whole heads,
-    or an even sub-range of one head (device.py pairs task rows v and v ^ 1)."""
-    whole = r0 % d == 0 and r1 % d == 0
-    return whole or (r0 // d == (r1 - 1) // d and r0 % 2 == 0 and r1 % 2 == 0)
+def _whole_pairs(r0: int, r1: int) -> bool:
+    """QKV rows [r0, r1) (pair order) hold both rows of each RoPE pair they touch: r0 and r1
+    even (device.py pairs task rows v and v ^ 1; heads are D rows, D even)."""
+    return r0 % 2 == 0 and r1 % 2 == 0
 
 
 def _check_tiles(fg: FusedGraph, sched: Schedule) -> None:
@@ -131,10 +130,9 @@ def _check_tiles(fg: FusedGraph, sched: Schedule) -> None:
             raise CodegenError(f"task {t.id}: params {ps} outside {indices[t.kind]}")
         if t.kind == Kind.DOWN_PARTIAL and not 0 <= ps[2] < b["KS"]:
             raise CodegenError(f"task {t.id}: split-K chunk {ps[2]} outside [0, {b['KS']})")
-        if t.kind == Kind.QKV_ROPE_APPEND and not _whole_pairs(ps[0], ps[1], d):
+        if t.kind == Kind.QKV_ROPE_APPEND and not _whole_pairs(ps[0], ps[1]):
             raise CodegenError(
-                f"task {t.id}: QKV rows {ps} are neither whole heads of {d} nor an even "
-                "sub-range of one head (RoPE pairs would be split)"
+                f"task {t.id}: QKV rows {ps} are not an even range (RoPE pairs would be split)"
             )
         if t.kind == Kind.EMBED and (ps[0] % 8 or ps[1] % 8):
             raise CodegenError(f"task {t.id}: EMBED columns {ps} are not multiples of 8")

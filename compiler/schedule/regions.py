@@ -193,21 +193,21 @@ def index(box: Box) -> tuple[slice, ...]:
 
 def qkv_pairs(g: Geometry, r0: int, r1: int) -> list[tuple[int, int, int, int]]:
     """The RoPE pairs of QKV rows [r0, r1) in pair order (schedule.py), as (part, head, i0, i1):
-    pairs (i, i + D/2) for i in [i0, i1) of head `head` of part 0 q, 1 k, 2 v.
+    pairs (i, i + D/2) for i in [i0, i1) of head `head` of part 0 q, 1 k, 2 v, per head the
+    rows meet.
 
     Raises:
-        ValueError: the rows are neither whole heads nor an even sub-range of one head.
+        ValueError: r0 or r1 is odd (a task would hold half of a RoPE pair).
     """
-    D, half = g.D, g.D // 2
+    D = g.D
     if not 0 <= r0 < r1 <= g.qkv_rows:
         raise ValueError(f"QKV rows [{r0}, {r1}) outside [0, {g.qkv_rows})")
-    if r0 % D == 0 and r1 % D == 0:
-        spans = [(h, 0, half) for h in range(r0 // D, r1 // D)]
-    elif r0 // D == (r1 - 1) // D and r0 % 2 == 0 and r1 % 2 == 0:
-        h = r0 // D
-        spans = [(h, (r0 - h * D) // 2, (r1 - h * D) // 2)]
-    else:
-        raise ValueError(f"QKV rows [{r0}, {r1}) are neither whole heads of {D} nor pairs of one")
+    if r0 % 2 or r1 % 2:
+        raise ValueError(f"QKV rows [{r0}, {r1}) split a RoPE pair (rows 2i, 2i + 1)")
+    spans = [
+        (h, (max(r0, h * D) - h * D) // 2, (min(r1, (h + 1) * D) - h * D) // 2)
+        for h in range(r0 // D, -(-r1 // D))
+    ]
     out = []
     for h, i0, i1 in spans:
         part, head = (
@@ -258,9 +258,13 @@ def task_access(
                 reads.append((ins[2 + part], ((a, b), H)))
                 if part == 0:
                     writes.append((outs[0], (B, (a, b))))
-                else:  # whole heads: [a, b) is heads a/D .. b/D; else a range of one head
-                    heads, els = (a // D, -(-b // D)), (a % D, (b - 1) % D + 1)
-                    writes.append((outs[part], (B, heads, cache_pos, els)))
+        for part, head, i0, i1 in qkv_pairs(g, r0, r1):  # the cache rows, head by head
+            if part > 0:
+                halves = (
+                    [(0, D)] if (i0, i1) == (0, D // 2) else [(i0, i1), (D // 2 + i0, D // 2 + i1)]
+                )
+                for els in halves:
+                    writes.append((outs[part], (B, (head, head + 1), cache_pos, els)))
     elif k is Kind.ATTN_PARTIAL:
         kv, p = params
         h0, h1 = kv * g.G, (kv + 1) * g.G

@@ -74,10 +74,17 @@ MMA_BATCH = 8  # the smallest batch that defaults to the tensor-core matvec
 #     smollm2-135m 0.665 -> 0.601 ms at 4, 0.605 -> 0.580 at 8; llama-3.2-1b 0.919 -> 0.886 at 2);
 #     never past them: llama-2-7b 3.68 ms at 1, 3.78 at 2, 3.85 at 4, 3.97 at 8 (a CTA running
 #     two or three QKV tasks pays each one's fixed cost in turn);
+#   * where the heads leave more than a tenth of the SMs idle and a task streams at least
+#     QKV_ROWS_BYTES of weights, QKV tasks of qkv_rows rows across heads, as few as fill the SMs
+#     (llama-2-70b 35.02 -> 34.36 ms at 80 rows, llama-2-7b 3.72 -> 3.65 at 96, llama-3-8b 4.11
+#     -> 4.09 at 48; llama-3.2-1b, 128 KB tasks, 0.886 -> 0.891 at 24: heads; llama-2-13b, 120
+#     heads, 6.775 either way);
 #   * KV partitions while the KV heads times P fit the SMs, 4 to 8 (runtime-sized partitions:
 #     llama-3.2-1b KV 2048 1.037 -> 0.963 ms at P = 8; llama-2-7b, 32 KV heads, 4.20 -> 4.28 ms
 #     at 8, so it keeps 4).
 MAX_QKV_SPLIT = 8
+QKV_ROWS_BYTES = 256 * 1024
+ZERO_OK = {"qkv_rows"}  # options where 0 means "not set"
 KV_PARTITIONS = (4, 8)  # the range the rule picks P from
 
 
@@ -92,7 +99,13 @@ def small_batch_shape(model: ModelSpec, sm_count: int) -> dict[str, Any]:
     )
     lo, hi = KV_PARTITIONS
     parts = min(hi, max(lo, sm_count // model.num_kv_heads))
-    return {"tile_policy": "fit", "qkv_head_split": split, "kv_partitions": parts}
+    out: dict[str, Any] = {"tile_policy": "fit", "qkv_head_split": split, "kv_partitions": parts}
+    rows = heads * model.head_dim
+    task_bytes = rows // (heads * split) * model.hidden_size * 2
+    if heads * split * 10 < sm_count * 9 and task_bytes >= QKV_ROWS_BYTES:
+        fewest = -(-rows // sm_count)
+        out |= {"qkv_head_split": 1, "qkv_rows": -(-fewest // 8) * 8}
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class Options:
     work_bytes: int = 32768  # the consumers' shared work area (staged inputs, outputs)
     qkv_heads_per_task: int = 1  # QKV row tile, in heads of D rows
     qkv_head_split: int = 1  # QKV tasks per head (a divisor of D/2): D/s rows, whole RoPE pairs
+    qkv_rows: int = 0  # > 0: QKV tasks of this many rows (even), across heads; 0: by heads
     row_tile: int = 64  # rows per task of the o-proj, gate/up, down and residual instructions
     tile_policy: str = "fixed"  # fixed: row_tile; fit: at most sm_count tasks an instruction
     lm_head_rows: int = (
@@ -135,14 +149,24 @@ class Options:
                     raise ValueError(
                         f"option {f.name} must be one of {', '.join(choices[f.name])}, got {show(v)}"
                     )
-            elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"option {f.name} must be a positive integer, got {show(v)}")
+            elif not isinstance(v, int) or isinstance(v, bool) or v < (f.name not in ZERO_OK):
+                what = "a non-negative" if f.name in ZERO_OK else "a positive"
+                raise ValueError(f"option {f.name} must be {what} integer, got {show(v)}")
             elif f.name in LIMITS:
                 check(f.name, v, name=f"option {f.name}")
         if self.embed_cols % 8:
             raise ValueError(f"option embed_cols must be a multiple of 8, got {self.embed_cols}")
         if self.threads % 32:
             raise ValueError(f"option threads must be a multiple of 32, got {self.threads}")
+        if self.qkv_rows % 2:
+            raise ValueError(
+                f"option qkv_rows must be even (whole RoPE pairs), got {self.qkv_rows}"
+            )
+        if self.qkv_rows and (self.qkv_head_split > 1 or self.qkv_heads_per_task > 1):
+            raise ValueError(
+                f"option qkv_rows={self.qkv_rows} tiles the QKV rows itself: not with "
+                "qkv_head_split or qkv_heads_per_task"
+            )
         if self.qkv_head_split > 1 and self.qkv_heads_per_task > 1:
             raise ValueError(
                 f"options qkv_head_split={self.qkv_head_split} and qkv_heads_per_task="
@@ -162,6 +186,9 @@ class Options:
         for given, implied in (
             ("row_tile", "tile_policy"),
             ("qkv_heads_per_task", "qkv_head_split"),
+            ("qkv_heads_per_task", "qkv_rows"),
+            ("qkv_head_split", "qkv_rows"),
+            ("qkv_rows", "qkv_head_split"),
         ):
             if given in values:  # a tile asked for is the tile used, not re-fitted
                 by_model.pop(implied, None)

@@ -62,12 +62,15 @@ def row_tile(rows: int, splits: int, options: Options) -> int:
 
 def qkv_tiles(g: Geometry, options: Options) -> list[tuple[int, ...]]:
     """QKV rows (pair order, schedule.py): qkv_heads_per_task whole heads a task, or with
-    qkv_head_split = s each head in s tasks of D/s rows, pairs [k*D/2s, (k+1)*D/2s) of the head.
+    qkv_head_split = s each head in s tasks of D/s rows, pairs [k*D/2s, (k+1)*D/2s) of the head,
+    or with qkv_rows = n tasks of n rows (even: whole pairs) wherever the heads fall.
 
     Raises:
         IRError: s does not divide D/2 (a task would hold half of a RoPE pair).
     """
     heads, s = g.Hq + 2 * g.KV, options.qkv_head_split
+    if options.qkv_rows:  # even ranges of the pair-ordered rows, across heads
+        return list(_ranges(heads * g.D, options.qkv_rows))
     if s == 1:
         return [(a * g.D, b * g.D) for a, b in _ranges(heads, options.qkv_heads_per_task)]
     if (g.D // 2) % s:
