@@ -252,6 +252,17 @@ EQUIVALENT: tuple[DeviceMutant, ...] = (
     ),
     _same(
         "f",
+        "attn_merge_warps",
+        "od and ld accumulated in the other order",
+        lambda w: _swap(
+            "attn_merge_warps",
+            "        od += a * ws[w * (D + 2) + el];\n",
+            "        ld += a * ws[w * (D + 2) + D + 1];\n",
+            w,
+        ),
+    ),
+    _same(
+        "f",
         "argmax_pick",
         "its comparisons mirrored",
         lambda w: replace(

@@ -63,6 +63,10 @@ REAL_ORDER = {
 
 
 class Expressions(Memory):
+    # set by a lemma whose inputs are reals by its contract (`merge_warps`): a Real compared
+    # with -INFINITY is then finite; otherwise such a comparison is outside the model
+    finite_reals = False
+
     def call(self, f: n.Function, args: list[LValue], targs: list[Any]) -> Any:
         """Inline device function f (the executor's)."""
         raise NotImplementedError
@@ -188,6 +192,9 @@ class Expressions(Memory):
                 raise Unsupported(f"{type(a).__name__} {op} nullptr", line)
             return Bool(TRUE if same == (op == "==") else FALSE)
         if op in ("==", "!=") and (a is NEG_INF or b is NEG_INF):
+            other = b if a is NEG_INF else a
+            if self.finite_reals and isinstance(other, Real):
+                return Bool(TRUE if op == "!=" else FALSE)  # a Real is finite, never -inf
             raise Unsupported("a comparison with -INFINITY", line)
         raise Unsupported(f"{type(a).__name__} {op} {type(b).__name__}", line)
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from compiler.ir.fused import FusedGraph, Instr, Kind
 from verifier.algebra import agree, differ, equal_obligations, pinned, walk
-from verifier.device import argmax, fma, matvec
+from verifier.device import argmax, fma, matvec, merge_warps
 from verifier.device.binding import Binding
 from verifier.device.coverage import coverage
 from verifier.device.execute import Executor, Load, Store, Strided
@@ -103,7 +103,7 @@ def obligations(unit: Unit, fused: FusedGraph, g: Geometry) -> list[Obligation]:
             continue
         for tile in tiles(how, [t for t in tasks if t["op"] == op], instr, g):
             out += _task(k, fused, g, instr, name, tile)
-    out += argmax.obligations(k)
+    out += argmax.obligations(k) + merge_warps.obligations(k)
     return list({ob.key: ob for ob in out}.values())
 
 
