@@ -145,7 +145,7 @@ def obligations(g: Geometry, kernel: str | None = None) -> list[Obligation]:
 
 
 def _site(kernel: str) -> str:
-    """"attn_partial, kernel.cu line N: ", N the line that declares j1 (the key range's end)."""
+    """ "attn_partial, kernel.cu line N: ", N the line that declares j1 (the key range's end)."""
     start = kernel.find("void attn_partial(")
     m = re.compile(r"^\s*const int[^;]*\bj1\s*=", re.M).search(kernel, max(start, 0))
     if start < 0 or m is None:
