@@ -9,7 +9,9 @@ as the verifier numbers them:
   fused instruction's elements, each element of the task's region stored once;
 * (c) the counter protocol on the code (`verifier.device.sync`): acquire waits, a consumer
   barrier, then one release signal;
-* (h) the KV-cache append's address, read from the store's text (`verifier.kv_invariant`).
+* (h) the KV-cache append's address, read from the store's text (`verifier.kv_invariant`);
+* (d) the split-KV key ranges, attn_partial's j0 and j1 read from the code
+  (`verifier.reductions.split_kv`): the partitions read exactly the visible keys.
 
 `EQUIVALENT` are edits a compiler could make without changing what the kernel computes (a local
 renamed, independent statements reordered, a small loop unrolled by hand, comments), each with
@@ -135,8 +137,8 @@ MUTANTS: tuple[DeviceMutant, ...] = (
         "sigmoid(gate) * up",
     ),
     _mutant(SCALE, "f", "attn_keys", ", 0.f)) * SM_SCALE;", ", 0.f));", "q.k unscaled"),
-    _mutant(MASK, "f", "attn_partial", "pos + 1);", "pos);", "the current key masked"),
-    _mutant(MASK, "f", "attn_partial", "pos + 1);", "pos + 2);", "a future key read"),
+    _mutant(MASK, "d", "attn_partial", "pos + 1);", "pos);", "the current key masked"),
+    _mutant(MASK, "d", "attn_partial", "pos + 1);", "pos + 2);", "a future key read"),
     _mutant(KV, "h", "qkv_rope_append", "* S + pos) * D", "* S + pos + 1) * D", "row pos + 1"),
     _mutant(KV, "h", "qkv_rope_append", "kr / D) * S", "kr / D + 1) * S", "head + 1"),
     _mutant(KV, "h", "qkv_rope_append", "S + pos) * D + el]", "S + pos) * D + el + 1]", "el + 1"),

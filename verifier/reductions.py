@@ -20,6 +20,8 @@ and attn_partial's key range) and a symbolic index:
 
 from __future__ import annotations
 
+import re
+
 from verifier.batch_invariance import (
     KEY_RANGE,
     KEY_VARS,
@@ -73,10 +75,11 @@ KEYS = {  # fused.py's partition of the visible keys, in kernel.cu's names (key_
 }
 
 
-def split_kv(g: Geometry, defs: dict[str, str] | None = None) -> Obligation:
+def split_kv(g: Geometry, defs: dict[str, str] | None = None, site: str = "") -> Obligation:
     """Partitions 0..P-1 read the visible keys once each; `defs` gives the names the key range
     [j0, j1) is computed from (kernel.cu's constexprs and attn_partial's locals; by default
-    KEYS with the schedule's P and the model's window)."""
+    KEYS with the schedule's P and the model's window); `site` names where kernel.cu computes
+    them."""
     window = g.spec.sliding_window or 0
     if defs is None:
         defs = {"P": str(g.P), "S": str(g.S), "WINDOW": str(window)} | KEYS
@@ -101,7 +104,7 @@ def split_kv(g: Geometry, defs: dict[str, str] | None = None) -> Obligation:
         "d",
         "split-KV partitions read exactly the visible keys",
         -1,
-        f"attention, P = {g.P}, S = {g.S}, window = {window or 'none'}: "
+        f"attention, P = {g.P}, S = {g.S}, window = {window or 'none'}: {site}"
         f"j0 = {defs['j0']}, j1 = {defs['j1']}",
         "\n".join(f for f in facts if f) + "\n",
         f"(assert (not {claim}))\n",
@@ -136,6 +139,15 @@ def obligations(g: Geometry, kernel: str | None = None) -> list[Obligation]:
     consts = Constants(kernel, ())
     return [
         split_k(g, consts.value("CI", {})),
-        split_kv(g, constexprs(kernel) | key_range(kernel)),
+        split_kv(g, constexprs(kernel) | key_range(kernel), _site(kernel)),
         lm_tiles(g, consts.value("CV", {})),
     ]
+
+
+def _site(kernel: str) -> str:
+    """ "attn_partial, kernel.cu line N: ", N the line that declares j1 (the key range's end)."""
+    start = kernel.find("void attn_partial(")
+    m = re.compile(r"^\s*const int[^;]*\bj1\s*=", re.M).search(kernel, max(start, 0))
+    if start < 0 or m is None:
+        return ""
+    return f"attn_partial, kernel.cu line {kernel.count(chr(10), 0, m.start()) + 1}: "
