@@ -431,6 +431,7 @@ def test_options_hash_differs_per_option() -> None:
     changed["weight_l2"] = "evict_first"
     changed["ring_copy"] = "threads"
     changed["tile_policy"] = "fit"
+    changed["qkv_rows"] = 8  # 0 (not set) doubled is still 0
     hashes = {base.hash()} | {
         Options(**(base.to_json() | {k: v})).hash() for k, v in changed.items()
     }
