@@ -36,9 +36,11 @@ consumer is not modelled (MMA: matvec_mma) is not attempted. Tiles are grouped b
 the buffers the model says they write (QKV's q tiles apart from its k and v tiles), a tile's a as
 stride * ta when every task's a is a multiple of the stride.
 
-Not yet attempted: QKV_ROPE_APPEND (its body runs, RoPE's neighbour rows split by parity, but
-the q value obligations time out and k_cache's give a counterexample the replay does not
-confirm), LMHEAD_ARGMAX (the warps' argmax after the logits), ATTN_PARTIAL, ARGMAX_REDUCE.
+Not yet attempted: QKV_ROPE_APPEND (its body stops at `kr = pr - (is_k ? QD : QD + KVD)`, two
+Affs under a condition the executor does not merge; before that, the q value obligations timed
+out), LMHEAD_ARGMAX (the warps' argmax after the logits), ATTN_PARTIAL, ARGMAX_REDUCE. Two of
+their helpers are proved against contracts, once a kernel: argmax_pick (`verifier.device.argmax`)
+and attn_merge_warps (`verifier.device.merge_warps`).
 """
 
 from __future__ import annotations
