@@ -38,7 +38,7 @@ LIMITS: dict[str, int] = {
     # shape template b<batch>-s<max_seq>; max_seq is also at most the model's positions
     "batch": 256,
     "max_seq": 1 << 20,
-    # schedule options (compiler/schedule/schedule.py Options); each also at least 1
+    # schedule options (compiler/schedule/schedule.py Options); each also at least 1 (qkv_rows 0)
     "sm_count": 1024,
     "threads": 1024,
     "stages": 64,
@@ -46,6 +46,7 @@ LIMITS: dict[str, int] = {
     "work_bytes": 1 << 20,
     "qkv_heads_per_task": 1 << 12,
     "qkv_head_split": 128,  # a divisor of head_dim / 2 (head_dim is at most 256)
+    "qkv_rows": 1 << 20,  # rows of [Wq; Wk; Wv] a QKV task (0: not set)
     "row_tile": 1 << 16,
     "lm_head_rows": 1 << 20,
     "kv_partitions": 1 << 12,

@@ -241,6 +241,8 @@ def test_qkv_tiles_hold_whole_rope_pairs(fg: FusedGraph) -> None:
         Options(qkv_rows=25)
     with pytest.raises(ValueError, match="qkv_rows must be a non-negative integer"):
         Options(qkv_rows=-2)
+    with pytest.raises(LimitError, match="qkv_rows 2097152 exceeds the limit 1048576"):
+        Options(qkv_rows=1 << 21)
     with pytest.raises(ValueError, match="qkv_rows=24 tiles the QKV rows itself"):
         Options(qkv_rows=24, qkv_head_split=2)
     rows = build_schedule(fg, B4, Options(qkv_rows=24)).tasks

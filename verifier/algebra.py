@@ -93,11 +93,12 @@ def _apps(t: Any, fn_free: bool) -> list[Term]:
     return list(dict.fromkeys(found))
 
 
-def _replace(t: Any, table: dict[Term, Term]) -> Any:
+def substitute(t: Any, table: dict[Term, Term]) -> Any:
+    """t with each subterm that is a key of `table` replaced by its value."""
     if isinstance(t, tuple):
         if t in table:
             return table[t]
-        return tuple(_replace(x, table) for x in t)
+        return tuple(substitute(x, table) for x in t)
     return t
 
 
@@ -306,7 +307,7 @@ def _decompose(
             for a in grp:
                 table[a] = atom
             pairs += [(grp[0][2], a[2]) for a in grp[1:]]
-        left, right = _replace(left, table), _replace(right, table)
+        left, right = substitute(left, table), substitute(right, table)
     return left, right, pairs
 
 

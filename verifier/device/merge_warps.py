@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from verifier.algebra import substitute
 from verifier.device import lanes
 from verifier.device.execute import Executor
 from verifier.device.kernel import Kernel
@@ -119,7 +120,7 @@ def _judge(ex: Executor, nwarps: int, D: int) -> tuple[list[str], str]:
     names: dict[Term, Term] = {}  # the running maxima, named: printed whole they double a step
     steps = []
     for w, m in enumerate(ms[1:], 1):
-        steps.append((w, _named(("max", big, m), names)))
+        steps.append((w, substitute(("max", big, m), names)))
         big = ("max", big, m)
         names[big] = ("v", f"mx{w}", ())
     a = [app("exp", add(m, neg(big))) for m in ms]
@@ -135,7 +136,7 @@ def _judge(ex: Executor, nwarps: int, D: int) -> tuple[list[str], str]:
         env = {loop.symbol: Aff(el)}
         for n in OUTS if el == 0 else OUTS[:1]:
             got, exp = (lanes.at(t, env, ex.ranges) for t in (stores[n][0].value.term, want[n]))
-            sides = [smt(ground(_named(y, names))) for y in (got, exp)]
+            sides = [smt(ground(substitute(y, names))) for y in (got, exp)]
             claims.append(f"(= {sides[0]} {sides[1]})")
     defs = "".join(
         f"(declare-fun mx{w} () Real)\n(assert (= mx{w} {smt(ground(t))}))\n" for w, t in steps
@@ -166,15 +167,6 @@ class Ground:
 
     def decls(self) -> str:
         return "".join(f"(declare-fun {n} () Real)\n" for n in self.names.values())
-
-
-def _named(t: Any, names: dict[Term, Term]) -> Any:
-    """t with each subterm that `names` names replaced by its name."""
-    if isinstance(t, tuple):
-        if t in names:
-            return names[t]
-        return tuple(_named(x, names) for x in t)
-    return t
 
 
 def _int(k: Kernel, name: str) -> int:
